@@ -1,0 +1,36 @@
+# Everything a fresh Debian/Ubuntu machine with Python 3.11+ needs: `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+.PHONY: demo test lint bench-attention clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,torch]'
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; without it the demo falls back to
+# scikit-learn's digits and says so.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  { (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
+	    || echo "dataset-fashion-mnist not installable here: the demo will use scikit-learn digits"; }
+
+demo: $(BIN)/.installed fashion-mnist
+	$(BIN)/python scripts/demo.py --workdir=$(WORKDIR)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check var_jax scripts configs tests
+
+bench-attention: $(BIN)/.installed
+	$(BIN)/python scripts/bench_attention.py
+
+clean:
+	rm -rf $(VENV) runs
