@@ -1,0 +1,211 @@
+"""VQ-VAE: parity with the official PyTorch model, parameter count, conversion, training forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import quantizer
+from var_jax.convert import common
+from var_jax.convert.vqvae import load_vqvae_state_dict, vqvae_state_dict
+from var_jax.models import vqvae
+
+
+def test_released_parameter_count():
+    assert vqvae.count_params(vqvae.VQVAEConfig.released()) == 108_948_355
+
+
+@pytest.fixture(scope="module")
+def official(official_tiny_dir):
+    """The ch=32 official VQ-VAE loaded from .npz, run once (jitted) on the reference images."""
+    cfg = vqvae.VQVAEConfig.released(ch=32)
+    model = load_vqvae_state_dict(vqvae.VQVAE(cfg, rngs=nnx.Rngs(0)),
+                                  official_tiny_dir / "vae_state_dict.npz")
+    vectors = dict(np.load(official_tiny_dir / "vectors.npz"))
+
+    @nnx.jit
+    def run(model, images):
+        f = model.encode_features(images)
+        indices, f_hat = model.features_to_indices(f)
+        return indices, f_hat, model.teacher_forcing_inputs(indices), model.decode_features(f_hat)
+
+    indices, f_hat, tf, decoded = run(model, jnp.asarray(vectors["image_NHWC"]))
+    return model, vectors, indices, f_hat, tf, decoded
+
+
+def test_official_indices_identical(official):
+    _, vectors, indices, *_ = official
+    for k, pn in enumerate(vectors["patch_nums"]):
+        got = np.asarray(indices[k]).reshape(2, pn * pn)
+        np.testing.assert_array_equal(got, vectors[f"indices_scale{k}"], err_msg=f"scale {k}")
+
+
+def test_official_teacher_forcing_and_decode(official):
+    model, vectors, indices, f_hat, tf, decoded = official
+    want_tf = vectors["teacher_forcing_inputs_BxLm1xC"]
+    assert tf.shape == want_tf.shape == (2, 679, 32)
+    np.testing.assert_allclose(np.asarray(tf), want_tf, atol=1e-5 * max(1, np.abs(want_tf).max()))
+    # The decoder gets the encoder's f_hat; the official one rebuilds it from the indices.
+    np.testing.assert_allclose(np.asarray(decoded), vectors["decoded_NHWC"], atol=2e-5)
+    rebuilt = nnx.jit(lambda m, idx: m.indices_to_fhat(idx))(model, indices)
+    np.testing.assert_allclose(np.asarray(rebuilt), np.asarray(f_hat), atol=1e-5)
+
+
+@pytest.mark.torch
+def test_official_pth_loads_through_torch(official_tiny_dir, official):
+    pytest.importorskip("torch")
+    model = official[0]
+    from_pth = common.load_state_dict_file(official_tiny_dir / "vae.pth")
+    from_npz = common.load_state_dict_file(official_tiny_dir / "vae_state_dict.npz")
+    assert from_pth.keys() == from_npz.keys()
+    other = vqvae.VQVAE(model.config, rngs=nnx.Rngs(1))
+    load_vqvae_state_dict(other, official_tiny_dir / "vae.pth")
+    mine, theirs = nnx.state(model, nnx.Param), nnx.state(other, nnx.Param)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Export is the inverse of loading (the usage buffer is not a parameter).
+    exported = vqvae_state_dict(model)
+    assert set(exported) == set(from_npz) - {"quantize.ema_vocab_hit_SV"}
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, from_npz[name], err_msg=name)
+
+
+@pytest.mark.torch
+def test_group_norm_and_attention_match_torch():
+    torch = pytest.importorskip("torch")
+    cfg = vqvae.VQVAEConfig.tiny()
+    rng = np.random.default_rng(0)
+    attn = vqvae.AttnBlock(64, cfg, rngs=nnx.Rngs(2))
+    t_norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    # Tiny variance: eps = 1e-6 and the biased variance both show at this scale.
+    small = (rng.normal(size=(2, 4, 4, 64)) * 2e-3).astype(np.float32)
+    with torch.no_grad():
+        want = t_norm(torch.from_numpy(small).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(attn.norm(small)), want, atol=2e-5)
+    # A large mean: the two-pass variance (use_fast_variance=False) stays exact; torch's CPU
+    # kernel itself is off by ~1e-3 here, so compare with float64.
+    offset = (rng.normal(size=(2, 4, 4, 64)) * 0.5 + 30.0).astype(np.float64)
+    grouped = offset.reshape(2, 16, 32, 2)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    var = ((grouped - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    want64 = ((grouped - mean) / np.sqrt(var + 1e-6)).reshape(offset.shape)
+    np.testing.assert_allclose(np.asarray(attn.norm(offset.astype(np.float32))), want64,
+                               atol=5e-5)
+
+    x = rng.normal(size=(2, 4, 4, 64)).astype(np.float32)
+    t_qkv, t_proj = torch.nn.Conv2d(64, 192, 1), torch.nn.Conv2d(64, 64, 1)
+    with torch.no_grad():
+        for tmod, param_from in ((t_qkv, attn.qkv), (t_proj, attn.proj_out)):
+            kernel = np.array(param_from.kernel[...])
+            tmod.weight.copy_(torch.from_numpy(np.ascontiguousarray(common.flax_to_conv(kernel))))
+            tmod.bias.copy_(torch.from_numpy(np.array(param_from.bias[...])))
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+        q, k, v = t_qkv(t_norm(xt)).reshape(2, 3, 64, 16).unbind(1)
+        w = torch.softmax(torch.bmm(q.permute(0, 2, 1), k) * 64 ** -0.5, dim=2)
+        want = xt + t_proj(torch.bmm(v, w.permute(0, 2, 1)).reshape(2, 64, 4, 4))
+    np.testing.assert_allclose(np.asarray(attn(x)), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return vqvae.VQVAE(vqvae.VQVAEConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+def test_conversion_refuses_bad_state_dicts(tiny):
+    good = vqvae_state_dict(tiny)
+    load_vqvae_state_dict(tiny, good)  # round trip accepted
+    missing = dict(good)
+    del missing["decoder.up.1.block.0.nin_shortcut.bias"]
+    with pytest.raises(ValueError, match=r"missing keys: 'decoder\.up\.1\.block\.0\.nin_shortcut"
+                                         r"\.bias'"):
+        load_vqvae_state_dict(tiny, missing)
+    extra = dict(good, **{"encoder.down.9.block.0.conv1.weight": np.zeros((1,), np.float32)})
+    with pytest.raises(ValueError, match=r"unexpected keys: 'encoder\.down\.9\.block\.0\.conv1"):
+        load_vqvae_state_dict(tiny, extra)
+    wrong = dict(good, **{"quant_conv.weight": np.zeros((16, 16, 1, 1), np.float32)})
+    with pytest.raises(ValueError, match=r"wrong shape for 'quant_conv\.weight': got "
+                                         r"\(16, 16, 1, 1\), the model needs \(16, 16, 3, 3\)"):
+        load_vqvae_state_dict(tiny, wrong)
+    # The usage buffer is ignored, not required.
+    load_vqvae_state_dict(tiny, dict(good, **{"quantize.ema_vocab_hit_SV": np.zeros((6, 256))}))
+
+
+def test_checkpoint_file_errors(tmp_path, tiny):
+    path = tmp_path / "vae.npz"
+    np.savez(path, **vqvae_state_dict(tiny))
+    other = vqvae.VQVAE(tiny.config, rngs=nnx.Rngs(7))
+    load_vqvae_state_dict(other, path)
+    np.testing.assert_array_equal(np.asarray(other.codebook), np.asarray(tiny.codebook))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        common.load_state_dict_file(truncated)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        common.load_state_dict_file(tmp_path.joinpath("x.txt").write_text("x") and
+                                    tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="not found"):
+        common.load_state_dict_file(tmp_path / "absent.pth")
+
+
+def test_training_forward_is_differentiable(tiny):
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+
+    def loss_fn(model):
+        out = model(images)
+        recon = jnp.mean(jnp.abs(out.reconstruction - images)) + jnp.mean(
+            (out.reconstruction - images) ** 2)
+        return recon + out.vq_loss, out
+
+    (loss, out), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(tiny)
+    assert np.isfinite(float(loss))
+    assert out.reconstruction.shape == images.shape
+    assert [m.shape[1] for m in out.indices] == list(tiny.config.patch_nums)
+    assert out.hits_KxV.shape == (6, 256)
+    # Gradient reaches every part: encoder (straight-through), decoder, codebook and Phi.
+    for part in (grads.encoder.conv_in.kernel, grads.decoder.conv_out.kernel,
+                 grads.quantize.embedding, grads.quantize.quant_resi.qresi_ls[3].kernel,
+                 grads.quant_conv.kernel):
+        assert float(jnp.abs(part[...]).sum()) > 0
+    # The codebook is a plain Param that can be overwritten (dead-code re-seeding).
+    new = jnp.zeros_like(tiny.codebook)
+    old = tiny.codebook
+    tiny.quantize.embedding[...] = new
+    assert float(jnp.abs(tiny.codebook).sum()) == 0
+    tiny.quantize.embedding[...] = old
+
+
+def test_tiny_roundtrip_consistency(tiny):
+    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
+
+    @nnx.jit
+    def run(model, images):
+        indices = model.images_to_indices(images)
+        return indices, model.indices_to_images(indices), model.teacher_forcing_inputs(indices)
+
+    indices, decoded, tf = run(tiny, images)
+    assert decoded.shape == images.shape and float(jnp.abs(decoded).max()) <= 1.0
+    assert tf.shape == (1, sum(p * p for p in tiny.config.patch_nums) - 1, 16)
+    hits = quantizer.index_hits(indices, 256, tiny.config.patch_nums)
+    np.testing.assert_array_equal(np.asarray(hits.sum(1)), [p * p for p in (1, 2, 3, 4, 6, 8)])
+
+
+def test_bad_images_and_configs(tiny):
+    with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\)"):
+        tiny.encode_features(jnp.zeros((32, 32, 3)))
+    with pytest.raises(ValueError, match="divisible by the downsampling factor 4, got 30x30"):
+        tiny.encode_features(jnp.zeros((1, 30, 30, 3)))
+    with pytest.raises(ValueError, match="images must be 32x32"):
+        tiny.encode_features(jnp.zeros((1, 64, 64, 3)))
+    with pytest.raises(ValueError, match="3 channels"):
+        tiny.encode_features(jnp.zeros((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match="must lie in"):
+        tiny.indices_to_images([np.full((1, p, p), 256) for p in (1, 2, 3, 4, 6, 8)])
+    with pytest.raises(ValueError, match="must end at the latent side 8"):
+        vqvae.VQVAEConfig.tiny(patch_nums=(1, 2, 4))
+    with pytest.raises(ValueError, match="not divisible by the downsampling factor"):
+        vqvae.VQVAEConfig.tiny(image_size=30)
+    with pytest.raises(ValueError, match="norm_groups"):
+        vqvae.VQVAEConfig.tiny(ch=24)
+    with pytest.raises(ValueError, match="features must be"):
+        tiny.decode_features(jnp.zeros((1, 4, 4, 16)))

@@ -1,0 +1,65 @@
+"""FAVOR+ (Choromanski et al. 2021): positive orthogonal random features for exp(q . k).
+
+phi(x) = exp(W x - |x|^2 / 2) / sqrt(M) with rows of W ~ N(0, I_D) gives
+E[phi(x) . phi(y)] = exp(x . y) (unbiased), and positive features keep every attention weight and
+normaliser positive. Orthogonal rows (blocks of Q factors of Gaussian matrices, rescaled by
+chi-distributed norms so every row is still marginally N(0, I)) lower the variance. The logits are
+already q . k here (the caller scales), so no d^(-1/4) normaliser is applied.
+
+Stabilisers, in float32: the query features are divided by their per-row max (a per-query constant
+cancels in the normalisation); the key features by exp(c), c the running max over the keys seen so
+far of every (batch, head) (see `prefix`), under stop_gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from var_jax.attention import prefix
+
+
+def draw_projection(rng, num_features, head_dim, *, orthogonal=True):
+    """W of shape (M, D) float32, rows marginally N(0, I_D)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if rng is None:
+        raise ValueError("rng: the favor backend draws random features and needs a jax.random "
+                         "key, got None")
+    if not orthogonal:
+        return jax.random.normal(rng, (num_features, head_dim), jnp.float32)
+    num_blocks = math.ceil(num_features / head_dim)
+    block_key, norm_key = jax.random.split(rng)
+    gauss = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
+    q_blocks, r_blocks = jnp.linalg.qr(gauss)
+    # Sign-fix so that Q is Haar-distributed (rows uniform on the sphere): unbiased features.
+    q_blocks = q_blocks * jnp.sign(jnp.diagonal(r_blocks, axis1=-2, axis2=-1))[:, None, :]
+    rows = jnp.swapaxes(q_blocks, -1, -2).reshape(num_blocks * head_dim, head_dim)[:num_features]
+    norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim)), axis=-1)
+    return rows * norms[:, None]
+
+
+def _log_features(x_BxCxHxD, w_MxD):
+    proj = jnp.einsum("bchd,md->bchm", x_BxCxHxD, w_MxD, precision=jax.lax.Precision.HIGHEST)
+    return proj - 0.5 * jnp.sum(x_BxCxHxD ** 2, axis=-1, keepdims=True)
+
+
+def positive_features(x_NxD, w_MxD):
+    """Unstabilised phi(x) (N, M), for tests of unbiasedness."""
+    proj = x_NxD @ w_MxD.T - 0.5 * jnp.sum(x_NxD ** 2, axis=-1, keepdims=True)
+    return jnp.exp(proj) / math.sqrt(w_MxD.shape[0])
+
+
+def feature_map(w_MxD):
+    w = w_MxD.astype(jnp.float32)
+
+    def query(x):
+        logf = _log_features(x, w)
+        return jnp.exp(logf - jax.lax.stop_gradient(logf.max(axis=-1, keepdims=True)))
+
+    def key(x):  # logs: the prefix core subtracts the running stabiliser before exp
+        return _log_features(x, w)
+
+    return prefix.FeatureMap(w.shape[0], query, key, log_domain=True)

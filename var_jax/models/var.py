@@ -1,0 +1,533 @@
+"""The VAR transformer (next-scale prediction), the official architecture in Flax NNX.
+
+Why it looks the way it does: the parameters must load the official checkpoints one to one, so the
+module tree mirrors the official names (``blocks[i].attn.proj`` <- ``blocks.i.attn.proj``) and
+fused torch tensors keep their layout up to a reshape (``mat_qkv`` (3C, C) becomes a kernel
+(C, 3, H, D), each ``ada_lin`` (6C, C) a kernel (C, 6, C) whose middle axis is the official chunk
+order [gamma1, gamma2, scale1, scale2, shift1, shift2]). The model is the official function for
+the "exact" and "flash" attention backends; "poly" / "favor" swap in an approximation of the same
+block-causal attention, and ``max_temperature`` lowers the clamp of the per-head temperature so
+that every attention logit (cosine times temperature) stays inside a bound that
+``attention.plan`` can certify.
+
+Two forwards share every parameter: ``__call__`` is teacher forcing over all L tokens (training,
+likelihood), and ``init_decode_states`` / ``embed_scale`` / ``decode_scale`` run one scale at a
+time on a KV cache or a low-rank running state (sampling). Feeding the sampling path the
+teacher-forcing inputs gives the same logits (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax import attention, scales
+
+# Gains of the released models' AdaLN gamma rows (README launch commands, `--alng`).
+_RELEASED_ALNG = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+    """Hyper-parameters of a VAR transformer.
+
+    ``width`` / ``num_heads`` / ``drop_path_rate`` default (None) to the official size rule
+    (64 * depth, depth, 0.1 * depth / 24). ``attn_options`` is a tuple of (name, value) pairs (a
+    dict is accepted and converted) passed to the attention backend. ``max_temperature`` is the
+    clamp of exp(scale_mul) (100 in the official code), hence the bound of every attention logit.
+    ``dtype`` is the activation dtype, ``param_dtype`` the parameters'.
+    """
+
+    depth: int = 16
+    width: int | None = None
+    num_heads: int | None = None
+    patch_nums: tuple[int, ...] = scales.SCHEDULES["256"]
+    vocab_size: int = 4096
+    cvae: int = 32
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    shared_aln: bool = False
+    norm_eps: float = 1e-6
+    drop_path_rate: float | None = None
+    cond_drop_rate: float = 0.1
+    attn_backend: str = "exact"
+    attn_options: Any = ()
+    attn_seed: int = 0
+    max_temperature: float = 100.0
+    init_std: float | None = None
+    init_aln: float = 0.5
+    init_alng: float = 1e-5
+    init_head: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)
+        if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)) \
+                or self.depth < 1:
+            raise ValueError(f"VARConfig.depth must be a positive int, got {self.depth!r}")
+        fix("depth", int(self.depth))
+        fix("width", int(self.width) if self.width is not None else 64 * self.depth)
+        fix("num_heads", int(self.num_heads) if self.num_heads is not None else self.depth)
+        if self.width <= 0 or self.width % self.num_heads:
+            raise ValueError(f"VARConfig.width must be a positive multiple of num_heads "
+                             f"({self.num_heads}), got {self.width}")
+        fix("patch_nums", scales.validate_schedule(self.patch_nums))
+        if self.drop_path_rate is None:
+            fix("drop_path_rate", 0.1 * self.depth / 24)
+        if isinstance(self.attn_options, Mapping):
+            fix("attn_options", tuple(sorted(self.attn_options.items())))
+        else:
+            fix("attn_options", tuple(tuple(kv) for kv in self.attn_options))
+        attention_backends = ("exact", "flash", "poly", "favor", "auto")
+        if self.attn_backend not in attention_backends:
+            raise ValueError(f"VARConfig.attn_backend must be one of {attention_backends}, got "
+                             f"{self.attn_backend!r}")
+        if not self.max_temperature > 0:
+            raise ValueError(f"VARConfig.max_temperature must be > 0, got {self.max_temperature}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"VARConfig.{name} must be one of {_DTYPES}, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("vocab_size", "cvae", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"VARConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    # Derived sizes.
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def seq_len(self) -> int:
+        return scales.token_layout(self.patch_nums).seq_len
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(1 / (3 * self.width))
+
+    @property
+    def options(self) -> dict:
+        return dict(self.attn_options)
+
+    # Presets.
+    @classmethod
+    def official(cls, depth: int, shared_aln: bool = False, patch_nums=None, **overrides):
+        """The released models' configuration (d16/d20/d24/d30 at 256px, d36-s at 512px)."""
+        if patch_nums is None:
+            patch_nums = scales.SCHEDULES["512" if shared_aln else "256"]
+        fields = dict(depth=depth, shared_aln=shared_aln, patch_nums=tuple(patch_nums),
+                      init_alng=_RELEASED_ALNG.get(depth, 1e-5))
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A CPU-sized model for tests and the demo; matches ``VQVAEConfig.tiny()`` (scales
+        (1, 2, 3, 4, 6, 8), 256 codes of 16 channels), 10 classes."""
+        fields = dict(depth=2, width=64, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8),
+                      vocab_size=256, cvae=16, num_classes=10, init_alng=1e-3)
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["patch_nums"] = list(self.patch_nums)
+        out["attn_options"] = dict(self.attn_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, fields: Mapping) -> VARConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - known
+        if unknown:
+            raise ValueError(f"VARConfig.from_dict: unknown fields {sorted(unknown)}")
+        fields = dict(fields)
+        if "patch_nums" in fields:
+            fields["patch_nums"] = tuple(fields["patch_nums"])
+        return cls(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions.
+
+def layer_norm(x, eps: float):
+    """LayerNorm without affine parameters (torch's elementwise_affine=False); float32 stats."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """x / max(||x||, eps) over the last axis, as torch.nn.functional.normalize."""
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def modulate(x, scale, shift):
+    return x * (1 + scale) + shift
+
+
+def drop_path(x_BxLxC, rate: float, key):
+    """Stochastic depth per sample (timm semantics, survivors scaled by 1 / keep)."""
+    if key is None or rate <= 0:
+        return x_BxLxC
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x_BxLxC.shape[0],) + (1,) * (x_BxLxC.ndim - 1))
+    return x_BxLxC * mask.astype(x_BxLxC.dtype) / keep
+
+
+def drop_labels(labels_B, rate: float, num_classes: int, key):
+    """Label dropout: each label becomes the unconditional class ``num_classes`` w.p. ``rate``."""
+    drop = jax.random.uniform(key, labels_B.shape) < rate
+    return jnp.where(drop, num_classes, labels_B)
+
+
+def token_cross_entropy(logits_BxLxV, targets_BxL):
+    """Per-token cross-entropy (B, L) float32; the official loss is its plain mean."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BxL[..., None].astype(jnp.int32), -1)[..., 0]
+    return lse - picked
+
+
+def flatten_token_maps(token_maps) -> jax.Array:
+    """A list of (B, pn, pn) or (B, pn*pn) token maps -> (B, L) int32 targets."""
+    return jnp.concatenate([jnp.reshape(t, (t.shape[0], -1)) for t in token_maps],
+                           axis=1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype):
+    # A plain normal: torch's trunc_normal_(std=s) truncates at +-2 absolute, i.e. not at all
+    # for the tiny stds used here, while Flax's truncated_normal would truncate at +-2 std.
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class AdaLinear(nnx.Module):
+    """SiLU -> Linear(C, n*C) viewed as n chunks: kernel (C, n, C), bias (n, C)."""
+
+    def __init__(self, width: int, chunks: int, chunk_gains, std: float, *, param_dtype, rngs):
+        gains = jnp.asarray(chunk_gains, jnp.float32)[None, :, None]
+        kernel = _normal(rngs, (width, chunks, width), std, jnp.float32) * gains
+        self.kernel = nnx.Param(kernel.astype(param_dtype))
+        self.bias = nnx.Param(jnp.zeros((chunks, width), param_dtype))
+
+    def __call__(self, cond_BxC, dtype):
+        h = jax.nn.silu(cond_BxC.astype(jnp.float32)).astype(dtype)
+        out = jnp.einsum("bc,cnd->bnd", h, self.kernel[...].astype(dtype))
+        return out + self.bias[...].astype(dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Cosine attention: L2-normalised q, k, clamped learnable per-head temperature on q."""
+
+    def __init__(self, config: VARConfig, layer_index: int, *, rngs: nnx.Rngs):
+        c, h, d = config.width, config.num_heads, config.head_dim
+        std, pdt = config.resolved_init_std, jnp.dtype(config.param_dtype)
+        self.config = config
+        self.layer_index = layer_index
+        self.qkv_kernel = nnx.Param(_normal(rngs, (c, 3, h, d), std, pdt))
+        self.q_bias = nnx.Param(jnp.zeros((h, d), pdt))
+        self.v_bias = nnx.Param(jnp.zeros((h, d), pdt))
+        self.scale_mul = nnx.Param(jnp.full((h,), math.log(4.0), pdt))  # log-space temperature
+        self.proj = nnx.Linear(c, c, dtype=jnp.dtype(config.dtype), param_dtype=pdt,
+                               kernel_init=nnx.initializers.normal(
+                                   std / math.sqrt(2 * config.depth)),
+                               rngs=rngs)
+
+    def temperature(self):
+        """exp(min(scale_mul, log max_temperature)) per head, float32 (H,)."""
+        log_max = math.log(self.config.max_temperature)
+        return jnp.exp(jnp.minimum(self.scale_mul[...].astype(jnp.float32), log_max))
+
+    def attn_rng(self):
+        """The random projection's key (favor): fixed per layer so both forwards agree."""
+        return jax.random.fold_in(jax.random.key(self.config.attn_seed), self.layer_index)
+
+    def qkv(self, x_BxLxC):
+        dtype = jnp.dtype(self.config.dtype)
+        qkv = jnp.einsum("blc,cthd->blthd", x_BxLxC.astype(dtype),
+                         self.qkv_kernel[...].astype(dtype))
+        q = qkv[:, :, 0] + self.q_bias[...].astype(dtype)
+        k = qkv[:, :, 1]
+        v = qkv[:, :, 2] + self.v_bias[...].astype(dtype)
+        q = l2_normalize(q) * self.temperature()[:, None].astype(dtype)
+        return q, l2_normalize(k), v
+
+    def _out(self, o_BxLxHxD):
+        b, n = o_BxLxHxD.shape[:2]
+        return self.proj(o_BxLxHxD.reshape(b, n, self.config.width))
+
+    def __call__(self, x_BxLxC):
+        q, k, v = self.qkv(x_BxLxC)
+        o = attention.block_causal_attention(q, k, v, self.config.patch_nums,
+                                             backend=self.config.attn_backend,
+                                             rng=self.attn_rng(), **self.config.options)
+        return self._out(o)
+
+    def init_decode_state(self, batch: int):
+        return attention.init_decode_state(
+            self.config.attn_backend, batch, self.config.num_heads, self.config.head_dim,
+            self.config.patch_nums, dtype=jnp.dtype(self.config.dtype), rng=self.attn_rng(),
+            **self.config.options)
+
+    def decode(self, x_BxlxC, state, scale_index: int):
+        q, k, v = self.qkv(x_BxlxC)
+        o, state = attention.decode_scale(state, q, k, v, scale_index,
+                                          backend=self.config.attn_backend,
+                                          **self.config.options)
+        return self._out(o), state
+
+
+class FFN(nnx.Module):
+    def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
+        std, c, hidden = config.resolved_init_std, config.width, config.hidden
+        kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+                  rngs=rngs)
+        self.fc1 = nnx.Linear(c, hidden, kernel_init=nnx.initializers.normal(std), **kw)
+        self.fc2 = nnx.Linear(hidden, c, kernel_init=nnx.initializers.normal(
+            std / math.sqrt(2 * config.depth)), **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class AdaLNSelfAttn(nnx.Module):
+    """x += g1 * Attn(LN(x)(1+s1)+b1); x += g2 * FFN(LN(x)(1+s2)+b2), with drop-path."""
+
+    def __init__(self, config: VARConfig, layer_index: int, *, rngs: nnx.Rngs):
+        self.config = config
+        self.drop_path_rate = float(
+            np.linspace(0, config.drop_path_rate, config.depth)[layer_index])
+        self.attn = SelfAttention(config, layer_index, rngs=rngs)
+        self.ffn = FFN(config, rngs=rngs)
+        aln, alng = config.init_aln, config.init_alng
+        gains = (alng, alng, aln, aln, aln, aln)
+        if config.shared_aln:
+            gss = jax.random.normal(rngs.params(), (6, config.width)) / math.sqrt(config.width)
+            gss = gss * jnp.asarray(gains)[:, None]
+            self.ada_gss = nnx.Param(gss.astype(jnp.dtype(config.param_dtype)))
+        else:
+            self.ada_lin = AdaLinear(config.width, 6, gains, config.resolved_init_std,
+                                     param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+
+    def modulation(self, cond):
+        """(B, 6, C) chunks [g1, g2, s1, s2, b1, b2] from cond (B, C) or the shared (B, 6, C)."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.config.shared_aln:
+            return cond.astype(dtype) + self.ada_gss[...].astype(dtype)
+        return self.ada_lin(cond, dtype)
+
+    def _residuals(self, x, ada, attend, drop_keys):
+        g1, g2, s1, s2, b1, b2 = (ada[:, None, i] for i in range(6))
+        eps = self.config.norm_eps
+        h, extra = attend(modulate(layer_norm(x, eps), s1, b1))
+        x = x + drop_path(h * g1, self.drop_path_rate, drop_keys[0])
+        h = self.ffn(modulate(layer_norm(x, eps), s2, b2))
+        x = x + drop_path(h * g2, self.drop_path_rate, drop_keys[1])
+        return x, extra
+
+    def __call__(self, x_BxLxC, cond, *, drop_key=None):
+        keys = (None, None) if drop_key is None else tuple(jax.random.split(drop_key))
+        x, _ = self._residuals(x_BxLxC, self.modulation(cond),
+                               lambda h: (self.attn(h), None), keys)
+        return x
+
+    def decode(self, x_BxlxC, cond, state, scale_index: int):
+        return self._residuals(x_BxlxC, self.modulation(cond),
+                               lambda h: self.attn.decode(h, state, scale_index), (None, None))
+
+
+class AdaLNBeforeHead(nnx.Module):
+    def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.ada_lin = AdaLinear(config.width, 2, (config.init_aln,) * 2,
+                                 config.resolved_init_std,
+                                 param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+
+    def __call__(self, x_BxLxC, cond_BxC):
+        ada = self.ada_lin(cond_BxC, x_BxLxC.dtype)  # chunks [scale, shift]
+        return modulate(layer_norm(x_BxLxC, self.config.norm_eps), ada[:, None, 0],
+                        ada[:, None, 1])
+
+
+class VAR(nnx.Module):
+    """The VAR transformer. ``__call__`` is teacher forcing; the decode methods serve sampling."""
+
+    def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, std = config.width, config.resolved_init_std
+        pdt, dt = jnp.dtype(config.param_dtype), jnp.dtype(config.dtype)
+        layout = scales.token_layout(config.patch_nums)
+        self.begin_ends = tuple(layout.begin_ends)
+        normal = nnx.initializers.normal(std)
+        self.class_emb = nnx.Embed(config.num_classes + 1, c, dtype=dt, param_dtype=pdt,
+                                   embedding_init=normal, rngs=rngs)
+        self.word_embed = nnx.Linear(config.cvae, c, dtype=dt, param_dtype=pdt,
+                                     kernel_init=normal, rngs=rngs)
+        self.pos_start = nnx.Param(_normal(rngs, (1, c), std, pdt))
+        self.pos_1LC = nnx.Param(_normal(rngs, (layout.seq_len, c), std, pdt))
+        self.lvl_embed = nnx.Embed(config.num_scales, c, dtype=dt, param_dtype=pdt,
+                                   embedding_init=normal, rngs=rngs)
+        if config.shared_aln:
+            self.shared_ada_lin = AdaLinear(c, 6, (1.0,) * 6, std, param_dtype=pdt, rngs=rngs)
+        self.blocks = nnx.List([AdaLNSelfAttn(config, i, rngs=rngs)
+                                for i in range(config.depth)])
+        self.head_nm = AdaLNBeforeHead(config, rngs=rngs)
+        self.head = nnx.Linear(c, config.vocab_size, dtype=dt, param_dtype=pdt,
+                               kernel_init=nnx.initializers.normal(std * config.init_head),
+                               rngs=rngs)
+
+    # -- pieces shared by both forwards -----------------------------------------------------
+    def condition(self, labels_B):
+        """class_emb(labels): both the start token and the AdaLN condition, (B, C)."""
+        return self.class_emb(jnp.asarray(labels_B, jnp.int32))
+
+    def block_condition(self, cond_BxC):
+        """What the blocks receive: cond itself, or the shared AdaLN output (B, 6, C)."""
+        if self.config.shared_aln:
+            return self.shared_ada_lin(cond_BxC, jnp.dtype(self.config.dtype))
+        return cond_BxC
+
+    def _level_pos(self, begin: int, end: int):
+        level_ids = scales.token_layout(self.config.patch_nums).level_ids
+        lvl = self.lvl_embed(jnp.asarray(level_ids[begin:end]))
+        return lvl + self.pos_1LC[begin:end].astype(lvl.dtype)
+
+    def embed_scale(self, scale_index: int, cond_BxC, x_BxlxCvae=None):
+        """Input tokens of one scale: the start token at scale 0, word_embed(x) after."""
+        begin, end = self.begin_ends[scale_index]
+        if scale_index == 0:
+            tokens = cond_BxC[:, None] + self.pos_start[...].astype(cond_BxC.dtype)
+        else:
+            tokens = self.word_embed(x_BxlxCvae)
+        return tokens + self._level_pos(begin, end)
+
+    def logits(self, x_BxLxC, cond_BxC):
+        h = self.head_nm(x_BxLxC, cond_BxC)
+        kernel = self.head.kernel[...].astype(h.dtype)
+        out = jnp.einsum("blc,cv->blv", h, kernel, preferred_element_type=jnp.float32)
+        return out + self.head.bias[...].astype(jnp.float32)
+
+    # -- teacher forcing --------------------------------------------------------------------
+    def __call__(self, labels_B, x_BxLm1xCvae, *, deterministic: bool = True, rngs=None):
+        """Teacher-forced logits (B, L, V) float32.
+
+        ``x_BxLm1xCvae``: the VQ-VAE's teacher-forcing inputs (scales 1..K-1). When
+        ``deterministic`` is False, ``rngs`` (a ``jax.random.key`` or an ``nnx.Rngs`` with a
+        'dropout' stream) drives label dropout (rate ``cond_drop_rate``) and drop-path.
+        """
+        cfg = self.config
+        labels_B = jnp.asarray(labels_B, jnp.int32)
+        if x_BxLm1xCvae.ndim != 3 or x_BxLm1xCvae.shape[1:] != (cfg.seq_len - 1, cfg.cvae):
+            raise ValueError(f"x_BxLm1xCvae must have shape (B, {cfg.seq_len - 1}, {cfg.cvae}), "
+                             f"got {x_BxLm1xCvae.shape}")
+        if labels_B.shape != (x_BxLm1xCvae.shape[0],):
+            raise ValueError(f"labels_B must have shape ({x_BxLm1xCvae.shape[0]},), got "
+                             f"{labels_B.shape}")
+        drop_keys = [None] * cfg.depth
+        if not deterministic:
+            if rngs is None:
+                raise ValueError("VAR.__call__(deterministic=False) needs rngs (a key or an "
+                                 "nnx.Rngs) for label dropout and drop-path")
+            key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+            label_key, *drop_keys = jax.random.split(key, cfg.depth + 1)
+            if cfg.cond_drop_rate > 0:
+                labels_B = drop_labels(labels_B, cfg.cond_drop_rate, cfg.num_classes, label_key)
+        cond = self.condition(labels_B)
+        first = cond[:, None] + self.pos_start[...].astype(cond.dtype)
+        x = jnp.concatenate([first, self.word_embed(x_BxLm1xCvae).astype(first.dtype)], axis=1)
+        x = x + self._level_pos(0, cfg.seq_len)
+        block_cond = self.block_condition(cond)
+        for block, drop_key in zip(self.blocks, drop_keys, strict=True):
+            x = block(x, block_cond, drop_key=drop_key)
+        return self.logits(x, cond)
+
+    # -- sampling path ----------------------------------------------------------------------
+    def init_decode_states(self, batch: int):
+        """One attention decode state per block (KV cache or low-rank running sums)."""
+        return [block.attn.init_decode_state(batch) for block in self.blocks]
+
+    def decode_scale(self, tokens_BxlxC, cond_BxC, states, scale_index: int):
+        """One scale through every block on the decode states -> (logits (B, l, V), states)."""
+        block_cond = self.block_condition(cond_BxC)
+        x, new_states = tokens_BxlxC, []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.decode(x, block_cond, state, scale_index)
+            new_states.append(state)
+        return self.logits(x, cond_BxC), new_states
+
+    def logit_bounds(self):
+        """Per layer, the largest attention logit possible: max over heads of the temperature."""
+        return jnp.stack([jnp.max(block.attn.temperature()) for block in self.blocks])
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for training and analysis.
+
+def count_params(config: VARConfig) -> int:
+    """Parameter count from shapes only (nnx.eval_shape: nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: VAR(config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+_NO_DECAY_NAMES = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
+
+
+def decays(path) -> bool:
+    """The official weight-decay rule for one parameter path.
+
+    Decayed: the 2-D weights of every Linear (qkv, proj, fc1, fc2, ada_lin, shared_ada_lin,
+    head_nm, head, word_embed) and class_emb. Not decayed: biases, pos_start, pos_1LC, lvl_embed,
+    scale_mul, ada_gss.
+    """
+    names = [str(p) for p in path]
+    if any(name in _NO_DECAY_NAMES for name in names):
+        return False
+    leaf = names[-1]
+    return leaf in ("kernel", "qkv_kernel") or (names[0] == "class_emb" and leaf == "embedding")
+
+
+def weight_decay_mask(model_or_state):
+    """A pytree of bools shaped like ``nnx.state(model, nnx.Param)``: True where decayed.
+
+    Usable as ``optax.adamw(..., mask=weight_decay_mask(model))`` with ``nnx.Optimizer``.
+    """
+    state = model_or_state
+    if isinstance(model_or_state, nnx.Module):
+        state = nnx.state(model_or_state, nnx.Param)
+
+    def name(entry):
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                return getattr(entry, attr)
+        return entry
+
+    def leaf_mask(path, _):
+        names = [name(p) for p in path]
+        if names and names[-1] == "value":  # the Variable's own field, not a parameter name
+            names = names[:-1]
+        return decays(tuple(names))
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, state)

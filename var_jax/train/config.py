@@ -1,0 +1,146 @@
+"""The experiment config schema: defaults for every field and checks that run before compiling.
+
+A config file in configs/ starts from `base_config()` and changes values; `validate` then rejects
+any field the schema does not know (naming it) and any impossible value (naming the field, the
+expectation and what was found), so a typo fails in a second instead of after a compile.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from var_jax.data.pipeline import SOURCES
+
+_DATA_CLASSES = {"fashion_mnist": 10, "digits": 10}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(source="fashion_mnist", root="", image_size=32, train_split="train",
+                  eval_split="val", num_threads=0, num_eval=10000, eval_batch_size=500)
+    c.mesh = dict(data=-1, fsdp=1)
+    c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=0,
+                   sample_every=0)
+    # model: the fields of var_jax.models.vqvae.VQVAEConfig.
+    c.tokenizer = dict(
+        model={}, steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, wpe=0.05,
+        weight_decay=0.0, b1=0.9, b2=0.95, clip=2.0, l1_weight=1.0, l2_weight=1.0,
+        vq_weight=1.0, dead_code_every=100, dead_code_threshold=0.03, usage_decay=0.99,
+        eval_examples=2000)
+    # model: the fields of var_jax.models.var.VARConfig (cond_drop_rate is the label dropout).
+    c.var = dict(
+        model={}, steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50, wp0=0.005,
+        wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
+        tokenizer_workdir="", eval_examples=2000)
+    c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=8,
+                    eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
+    c.classifier = dict(steps=1500, batch_size=128, lr=2e-3)
+    return c
+
+
+def _check_keys(config, schema, prefix: str) -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ValueError(f"config: unknown field {name!r}; known fields here: "
+                             f"{sorted(schema.keys())}")
+        value, default = config[key], schema[key]
+        is_dict = isinstance(default, ml_collections.ConfigDict)
+        if is_dict and key != "model":
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(f"config: {name} must be a group of fields, found {value!r}")
+            _check_keys(value, default, name + ".")
+
+
+def _positive(config, *names: str) -> None:
+    for name in names:
+        value = config
+        for part in name.split("."):
+            value = value[part]
+        if isinstance(value, bool) or not value > 0:
+            raise ValueError(f"config: {name} must be > 0, found {value!r}")
+
+
+def vqvae_config(config):
+    from var_jax.models.vqvae import VQVAEConfig
+
+    fields = dict(config.tokenizer.model)
+    unknown = set(fields) - set(VQVAEConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"config: unknown field(s) tokenizer.model.{sorted(unknown)[0]} "
+                         f"(all unknown: {sorted(unknown)})")
+    for k in ("ch_mult", "patch_nums"):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    try:
+        return VQVAEConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"config: tokenizer.model: {e}") from e
+
+
+def var_config(config):
+    from var_jax.models.var import VARConfig
+
+    fields = dict(config.var.model)
+    unknown = set(fields) - set(VARConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"config: unknown field(s) var.model.{sorted(unknown)[0]} "
+                         f"(all unknown: {sorted(unknown)})")
+    if "patch_nums" in fields:
+        fields["patch_nums"] = tuple(fields["patch_nums"])
+    if "attn_options" in fields and isinstance(fields["attn_options"], ml_collections.ConfigDict):
+        fields["attn_options"] = dict(fields["attn_options"])
+    if config.var.bf16:
+        fields["dtype"] = "bfloat16"
+    try:
+        return VARConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"config: var.model: {e}") from e
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Raises ValueError naming the first unknown field or impossible value."""
+    _check_keys(config, base_config(), "")
+    if config.data.source not in SOURCES:
+        raise ValueError(f"config: data.source must be one of {SOURCES}, found "
+                         f"{config.data.source!r}")
+    _positive(config, "data.image_size", "data.eval_batch_size", "tokenizer.steps",
+              "tokenizer.batch_size", "tokenizer.lr", "var.steps", "var.batch_size",
+              "var.base_lr", "train.log_every", "train.keep_checkpoints",
+              "sample.per_class", "classifier.steps", "classifier.batch_size", "classifier.lr")
+    for name in ("tokenizer.warmup_steps", "var.warmup_steps", "train.checkpoint_every",
+                 "train.eval_every", "train.sample_every", "data.num_threads",
+                 "tokenizer.dead_code_every", "sample.top_k"):
+        group, field = name.split(".")
+        if config[group][field] < 0:
+            raise ValueError(f"config: {name} must be >= 0, found {config[group][field]!r}")
+    for name in ("tokenizer.b1", "tokenizer.b2", "var.b1", "var.b2", "tokenizer.usage_decay"):
+        group, field = name.split(".")
+        if not 0 <= config[group][field] < 1:
+            raise ValueError(f"config: {name} must be in [0, 1), found {config[group][field]!r}")
+    if not 0 <= config.sample.top_p <= 1:
+        raise ValueError(f"config: sample.top_p must be in [0, 1], found {config.sample.top_p}")
+    if config.mesh.fsdp < 1 or (config.mesh.data != -1 and config.mesh.data < 1):
+        raise ValueError(f"config: mesh.data must be -1 or >= 1 and mesh.fsdp >= 1, found "
+                         f"data={config.mesh.data} fsdp={config.mesh.fsdp}")
+    if num_devices is not None:
+        for name in ("tokenizer.batch_size", "var.batch_size"):
+            group, field = name.split(".")
+            if config[group][field] % num_devices:
+                raise ValueError(f"config: {name}={config[group][field]} must be divisible by "
+                                 f"the {num_devices} devices of the mesh")
+    vq = vqvae_config(config)
+    var = var_config(config)
+    if vq.image_size != config.data.image_size:
+        raise ValueError(f"config: tokenizer.model.image_size={vq.image_size} must equal "
+                         f"data.image_size={config.data.image_size}")
+    for field, want in (("patch_nums", vq.patch_nums), ("vocab_size", vq.vocab_size),
+                        ("cvae", vq.z_channels)):
+        if getattr(var, field) != want:
+            raise ValueError(f"config: var.model.{field}={getattr(var, field)} must match the "
+                             f"tokenizer ({want})")
+    classes = _DATA_CLASSES.get(config.data.source)
+    if classes is not None and var.num_classes != classes:
+        raise ValueError(f"config: var.model.num_classes={var.num_classes} must equal the "
+                         f"{classes} classes of data.source={config.data.source!r}")

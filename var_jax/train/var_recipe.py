@@ -1,0 +1,157 @@
+"""VAR transformer training on the generic loop, with a frozen tokenizer.
+
+Tokens are computed on the fly from each image batch with the frozen VQ-VAE (as the official
+code does): token maps r_1..r_K, the teacher-forcing inputs, the VAR logits (label dropout
+`cond_drop_rate` inside the model when training), and the plain mean cross-entropy over all L
+tokens. Optimizer: AdamW (0.9, 0.95) with the official decay groups, lr = base_lr * batch / 256
+with linear warmup then 'lin0', weight decay cosine twd -> twde, global-norm clip 2.0. Logged per
+scale: loss and accuracy; evaluation reports the token NLL and accuracy on held-out images.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax import scales
+from var_jax.models import var as var_lib
+from var_jax.models.vqvae import VQVAE
+from var_jax.train import config as config_lib
+from var_jax.train import loop
+from var_jax.train import optim
+from var_jax.train import tokenizer_recipe
+
+
+def load_trained_tokenizer(config, tokenizer_dir: str, step: int | None = None) -> VQVAE:
+    """The VQ-VAE from the latest (or given) checkpoint of a tokenizer run directory."""
+    recipe = tokenizer_recipe.TokenizerRecipe(config)
+    return loop.restore_model(recipe, tokenizer_dir, step).vqvae
+
+
+def load_trained_var(config, tokenizer: VQVAE, var_dir: str, step: int | None = None):
+    """The VAR transformer from the latest (or given) checkpoint of a VAR run directory."""
+    return loop.restore_model(VARRecipe(config, tokenizer), var_dir, step)
+
+
+def per_scale_means(values_BxL, patch_nums) -> jax.Array:
+    """(K,) means of a per-token quantity over each scale's tokens."""
+    layout = scales.token_layout(patch_nums)
+    return jnp.stack([jnp.mean(values_BxL[:, b:e]) for b, e in layout.begin_ends])
+
+
+def token_metrics(logits_BxLxV, targets_BxL, patch_nums) -> dict:
+    ce = var_lib.token_cross_entropy(logits_BxLxV, targets_BxL)
+    correct = (jnp.argmax(logits_BxLxV, -1) == targets_BxL).astype(jnp.float32)
+    return {"nll": jnp.mean(ce), "acc": jnp.mean(correct),
+            "nll_per_scale": per_scale_means(ce, patch_nums),
+            "acc_per_scale": per_scale_means(correct, patch_nums)}
+
+
+class VARRecipe:
+    name = "var"
+
+    def __init__(self, config, tokenizer: VQVAE):
+        self.config = config
+        self.cfg = config.var
+        self.model_config = config_lib.var_config(config)
+        self.steps = self.cfg.steps
+        self.batch_size = self.cfg.batch_size
+        self.tokenizer = tokenizer
+        self.vq_graphdef, self.vq_state = nnx.split(tokenizer)
+        self.patch_nums = self.model_config.patch_nums
+        self._eval = None
+
+    def create_model(self, key) -> var_lib.VAR:
+        return var_lib.VAR(self.model_config, rngs=nnx.Rngs(params=key))
+
+    def optimizer(self):
+        c = self.cfg
+        peak = optim.peak_lr(c.base_lr, c.batch_size)
+        lr = optim.lin0_schedule(peak, c.steps, c.warmup_steps, wp0=c.wp0, wpe=c.wpe)
+        wd = optim.wd_schedule(c.twd, c.twde, c.steps)
+        tx = optim.make_optimizer(lr=lr, wd=wd, b1=c.b1, b2=c.b2, clip=c.clip,
+                                  mask=var_lib.weight_decay_mask)
+        return tx, lr
+
+    def frozen(self):
+        return self.vq_state
+
+    def tokens(self, frozen, images):
+        """(targets (B, L), teacher-forcing inputs (B, L-1, Cvae)) from the frozen tokenizer."""
+        vq = nnx.merge(self.vq_graphdef, frozen)
+        indices = vq.images_to_indices(images)
+        x = vq.teacher_forcing_inputs(indices)
+        targets = var_lib.flatten_token_maps(indices)
+        return jax.lax.stop_gradient(targets), jax.lax.stop_gradient(x)
+
+    def loss(self, model: var_lib.VAR, frozen, batch, key):
+        targets, x = self.tokens(frozen, batch["image"])
+        logits = model(batch["label"], x, deterministic=False, rngs=key)
+        m = token_metrics(logits, targets, self.patch_nums)
+        metrics = {"acc": m["acc"], "loss_last": m["nll_per_scale"][-1],
+                   "acc_last": m["acc_per_scale"][-1],
+                   "loss_per_scale": m["nll_per_scale"], "acc_per_scale": m["acc_per_scale"]}
+        return m["nll"], metrics
+
+    # -- evaluation (host side) -----------------------------------------------------------------
+    def _eval_data(self):
+        if self._eval is None:
+            self._eval = tokenizer_recipe.load_eval_images(self.config, self.cfg.eval_examples)
+        return self._eval
+
+    def evaluate(self, model: var_lib.VAR, frozen) -> dict:
+        images, labels = self._eval_data()
+        return evaluate_nll(self, model, frozen, images, labels,
+                            self.config.data.eval_batch_size)
+
+    def sample_grid(self, model: var_lib.VAR, frozen, key) -> np.ndarray:
+        s = self.config.sample
+        num_classes = self.model_config.num_classes
+        labels = np.repeat(np.arange(num_classes), s.per_class)
+        images = generate(model, self.tokenizer, labels, key, cfg=s.cfg, top_k=s.top_k,
+                          top_p=s.top_p, more_smooth=s.more_smooth)
+        return tokenizer_recipe.image_grid(images, rows=num_classes)
+
+
+def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: int) -> dict:
+    """Token NLL (nats) and accuracy on held-out images, no label dropout, overall and per
+    scale (weighted by batch size so a short last batch counts correctly)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def batch_metrics(state, frozen, images, labels):
+        targets, x = recipe.tokens(frozen, images)
+        logits = nnx.merge(graphdef, state)(labels, x, deterministic=True)
+        return token_metrics(logits, targets, recipe.patch_nums)
+
+    totals, n = None, 0
+    for i in range(0, len(images), batch_size):
+        m = jax.device_get(batch_metrics(state, frozen, jnp.asarray(images[i:i + batch_size]),
+                                         jnp.asarray(labels[i:i + batch_size])))
+        b = len(images[i:i + batch_size])
+        totals = jax.tree.map(lambda v: v * b, m) if totals is None else jax.tree.map(
+            lambda t, v: t + v * b, totals, m)
+        n += b
+    m = jax.tree.map(lambda t: np.asarray(t) / n, totals)
+    out = {"token_nll": float(m["nll"]), "token_acc": float(m["acc"])}
+    for k in range(len(recipe.patch_nums)):
+        out[f"token_nll_scale{k}"] = float(m["nll_per_scale"][k])
+        out[f"token_acc_scale{k}"] = float(m["acc_per_scale"][k])
+    return out
+
+
+def generate(model, tokenizer, labels, key, *, cfg: float, top_k: int, top_p: float,
+             more_smooth: bool = False, batch_size: int = 250) -> np.ndarray:
+    """Class-conditional samples (N, H, W, 3) in [0, 1], in batches of `batch_size`."""
+    from var_jax import sampling
+
+    labels = np.asarray(labels, np.int32)
+    out = []
+    for i in range(0, len(labels), batch_size):
+        chunk = jnp.asarray(labels[i:i + batch_size])
+        _, images = sampling.sample(model, tokenizer, chunk, key=jax.random.fold_in(key, i),
+                                    cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+        out.append(np.asarray(images))
+    return np.concatenate(out)
