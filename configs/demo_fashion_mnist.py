@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c.seed = 0
     c.data.source = "fashion_mnist"
     c.data.image_size = 32
-    c.data.num_eval = 10000
+    c.data.num_eval = 3000
     c.data.eval_batch_size = 500
     c.train.log_every = 50
     c.train.checkpoint_every = 250
@@ -27,19 +27,20 @@ def get_config(arg: str | None = None):
     c.train.sample_every = 0
 
     c.tokenizer.model = dict(
-        image_size=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, use_attn=False,
+        image_size=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, use_attn=False,
         use_mid_attn=False, z_channels=16, vocab_size=256, patch_nums=PATCH_NUMS,
         norm_groups=8)
-    c.tokenizer.steps = 600
+    c.tokenizer.steps = 800
+    c.tokenizer.usage_decay = 0.97
     c.tokenizer.batch_size = 32
     c.tokenizer.lr = 2e-3
     c.tokenizer.warmup_steps = 30
     c.tokenizer.eval_examples = 2000
 
     c.var.model = dict(
-        depth=4, width=192, num_heads=3, patch_nums=PATCH_NUMS, vocab_size=256, cvae=16,
+        depth=4, width=128, num_heads=2, patch_nums=PATCH_NUMS, vocab_size=256, cvae=16,
         num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.1, init_alng=1e-3)
-    c.var.steps = 1000
+    c.var.steps = 900
     c.var.batch_size = 32
     # A small transformer on a small dataset takes a higher rate than ImageNet's 1e-4 / 256.
     c.var.base_lr = 8e-3
@@ -51,20 +52,21 @@ def get_config(arg: str | None = None):
     c.sample.top_k = 0
     c.sample.top_p = 0.0
     c.sample.per_class = 8
-    c.sample.eval_per_class = 100
+    c.sample.eval_per_class = 50
     c.sample.cfg_sweep = (0.0, 1.5, 3.0)
-    c.classifier.steps = 1500
+    c.classifier.steps = 1200
     c.classifier.batch_size = 128
 
     if arg == "gpu":
         c.tokenizer.model.ch = 64
+        c.tokenizer.model.ch_mult = (1, 1, 2)
         c.tokenizer.model.use_mid_attn = True
         c.tokenizer.steps = 5000
         c.tokenizer.batch_size = 128
         c.var.model.depth = 8
         c.var.model.width = 384
         c.var.model.num_heads = 6
-        c.var.steps = 10000
+        c.var.steps = 9000
         c.var.batch_size = 256
         c.var.base_lr = 1e-3
         c.train.checkpoint_every = 1000

@@ -20,7 +20,8 @@ def _setup(patch_nums=PATCH_NUMS, seed=0):
     index_map = scales.phi_index_map(len(patch_nums))
 
     def phi(k, h):  # a stand-in for the model's Phi: a per-scale channel mix, half residual
-        return 0.5 * h + 0.5 * jnp.einsum("bhwc,cd->bhwd", h, mix[index_map[k]])
+        return 0.5 * h + 0.5 * jnp.einsum("bhwc,cd->bhwd", h, mix[index_map[k]],
+                                          precision=jax.lax.Precision.HIGHEST)
 
     return f, codebook, mix, index_map, phi
 

@@ -8,7 +8,13 @@ from flax import nnx
 
 from var_jax import quantizer
 from var_jax.convert import common
-from var_jax.convert.vqvae import load_vqvae_state_dict, vqvae_state_dict
+from var_jax.convert.vqvae import (
+    load_vqvae_state_dict,
+    vqvae_config_from_state_dict,
+    vqvae_from_state_dict,
+    vqvae_rules,
+    vqvae_state_dict,
+)
 from var_jax.models import vqvae
 
 
@@ -20,8 +26,8 @@ def test_released_parameter_count():
 def official(official_tiny_dir):
     """The ch=32 official VQ-VAE loaded from .npz, run once (jitted) on the reference images."""
     cfg = vqvae.VQVAEConfig.released(ch=32)
-    model = load_vqvae_state_dict(vqvae.VQVAE(cfg, rngs=nnx.Rngs(0)),
-                                  official_tiny_dir / "vae_state_dict.npz")
+    assert vqvae_config_from_state_dict(official_tiny_dir / "vae_state_dict.npz") == cfg
+    model = vqvae_from_state_dict(cfg, official_tiny_dir / "vae_state_dict.npz")
     vectors = dict(np.load(official_tiny_dir / "vectors.npz"))
 
     @nnx.jit
@@ -59,8 +65,7 @@ def test_official_pth_loads_through_torch(official_tiny_dir, official):
     from_pth = common.load_state_dict_file(official_tiny_dir / "vae.pth")
     from_npz = common.load_state_dict_file(official_tiny_dir / "vae_state_dict.npz")
     assert from_pth.keys() == from_npz.keys()
-    other = vqvae.VQVAE(model.config, rngs=nnx.Rngs(1))
-    load_vqvae_state_dict(other, official_tiny_dir / "vae.pth")
+    other = vqvae_from_state_dict(model.config, official_tiny_dir / "vae.pth")
     mine, theirs = nnx.state(model, nnx.Param), nnx.state(other, nnx.Param)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -107,9 +112,27 @@ def test_group_norm_and_attention_match_torch():
     np.testing.assert_allclose(np.asarray(attn(x)), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
 
+def _random_state_dict(config, seed=0):
+    """Official-layout random weights (fan-in scaled), built without compiling initialisers."""
+    abstract = nnx.eval_shape(lambda: vqvae.VQVAE(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for rule in vqvae_rules(abstract):
+        shape = common.get_at_path(abstract, rule.path).shape
+        if rule.path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.normal(size=shape)
+        elif len(shape) == 1:
+            value = 0.1 * rng.normal(size=shape)
+        else:
+            value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+        out[rule.torch_key] = rule.to_torch(value.astype(np.float32))
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    return vqvae.VQVAE(vqvae.VQVAEConfig.tiny(), rngs=nnx.Rngs(0))
+    config = vqvae.VQVAEConfig.tiny()
+    return vqvae_from_state_dict(config, _random_state_dict(config))
 
 
 def test_conversion_refuses_bad_state_dicts(tiny):
@@ -134,8 +157,7 @@ def test_conversion_refuses_bad_state_dicts(tiny):
 def test_checkpoint_file_errors(tmp_path, tiny):
     path = tmp_path / "vae.npz"
     np.savez(path, **vqvae_state_dict(tiny))
-    other = vqvae.VQVAE(tiny.config, rngs=nnx.Rngs(7))
-    load_vqvae_state_dict(other, path)
+    other = vqvae_from_state_dict(tiny.config, path)
     np.testing.assert_array_equal(np.asarray(other.codebook), np.asarray(tiny.codebook))
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(path.read_bytes()[:1000])
@@ -162,6 +184,11 @@ def test_training_forward_is_differentiable(tiny):
     assert out.reconstruction.shape == images.shape
     assert [m.shape[1] for m in out.indices] == list(tiny.config.patch_nums)
     assert out.hits_KxV.shape == (6, 256)
+    np.testing.assert_array_equal(np.asarray(out.hits_KxV.sum(1)),
+                                  [2 * p * p for p in (1, 2, 3, 4, 6, 8)])
+    np.testing.assert_array_equal(
+        np.asarray(quantizer.index_hits(out.indices, 256, tiny.config.patch_nums)),
+        np.asarray(out.hits_KxV))
     # Gradient reaches every part: encoder (straight-through), decoder, codebook and Phi.
     for part in (grads.encoder.conv_in.kernel, grads.decoder.conv_out.kernel,
                  grads.quantize.embedding, grads.quantize.quant_resi.qresi_ls[3].kernel,
@@ -173,21 +200,6 @@ def test_training_forward_is_differentiable(tiny):
     tiny.quantize.embedding[...] = new
     assert float(jnp.abs(tiny.codebook).sum()) == 0
     tiny.quantize.embedding[...] = old
-
-
-def test_tiny_roundtrip_consistency(tiny):
-    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
-
-    @nnx.jit
-    def run(model, images):
-        indices = model.images_to_indices(images)
-        return indices, model.indices_to_images(indices), model.teacher_forcing_inputs(indices)
-
-    indices, decoded, tf = run(tiny, images)
-    assert decoded.shape == images.shape and float(jnp.abs(decoded).max()) <= 1.0
-    assert tf.shape == (1, sum(p * p for p in tiny.config.patch_nums) - 1, 16)
-    hits = quantizer.index_hits(indices, 256, tiny.config.patch_nums)
-    np.testing.assert_array_equal(np.asarray(hits.sum(1)), [p * p for p in (1, 2, 3, 4, 6, 8)])
 
 
 def test_bad_images_and_configs(tiny):
@@ -209,3 +221,16 @@ def test_bad_images_and_configs(tiny):
         vqvae.VQVAEConfig.tiny(ch=24)
     with pytest.raises(ValueError, match="features must be"):
         tiny.decode_features(jnp.zeros((1, 4, 4, 16)))
+
+
+@pytest.mark.torch
+def test_truncated_or_foreign_pth_is_refused(tmp_path, official_tiny_dir):
+    torch = pytest.importorskip("torch")
+    truncated = tmp_path / "vae.pth"
+    truncated.write_bytes((official_tiny_dir / "vae.pth").read_bytes()[:4096])
+    with pytest.raises(ValueError, match="truncated"):
+        common.load_state_dict_file(truncated)
+    foreign = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], foreign)
+    with pytest.raises(ValueError, match="expected a state_dict"):
+        common.load_state_dict_file(foreign)

@@ -14,9 +14,7 @@ criterion (plan).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from var_jax.attention import _checks, criterion, decode, exact, flash, prefix
+from var_jax.attention import _checks, criterion, decode, exact, flash, prefix  # noqa: F401
 from var_jax.attention.criterion import Plan, plan
 from var_jax.attention.decode import DecodeState, decode_scale, init_decode_state
 
@@ -31,8 +29,10 @@ def block_causal_attention(q, k, v, patch_nums, *, backend="exact", rng=None, **
 
     Options: exact ``query_block``; flash ``implementation`` (None, "xla", "cudnn"; default cuDNN
     for half precision on GPU), ``group_tokens``; poly ``degree`` (2), ``approximation``
-    ("taylor" | "chebyshev"), ``center``, ``logit_bound``, ``chunk``; favor ``num_features``
-    (256), ``orthogonal`` (True), ``chunk`` and an ``rng`` key (features are drawn per call);
+    ("taylor" | "chebyshev"), ``center``, ``logit_bound``; favor ``num_features`` (256),
+    ``orthogonal`` (True) and an ``rng`` key (features are drawn per call); both ``chunk``
+    (tokens whose features exist at once) and ``group_tokens`` (leading scales done as one
+    masked product);
     auto ``logit_bound`` (required), ``eps`` (1 / L): resolved by `plan`.
     """
     backend = _checks.check_backend(backend)
@@ -56,10 +56,11 @@ def block_causal_attention(q, k, v, patch_nums, *, backend="exact", rng=None, **
                               **options)
     fmap, chunk = decode.low_rank_map(backend, head_dim, state.options,
                                       state.arrays.get("projection"))
+    fmap = fmap._replace(precision=prefix.precision_for(q.dtype))
     if chunk is None:
         chunk = prefix.default_chunk(batch, num_heads, fmap.num_features)
-    out = prefix.full_attention(fmap, state.arrays["sums"], q, k, v, layout.begin_ends, chunk)
+    out = prefix.full_attention(fmap, q, k, v, layout.begin_ends, chunk,
+                                options.get("group_tokens", prefix.DEFAULT_GROUP_TOKENS))
     return out.astype(q.dtype)
 
 
-del criterion  # reachable as a submodule; keep the namespace to the public names

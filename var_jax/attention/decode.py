@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from var_jax import scales
 from var_jax.attention import _checks, exact, favor, flash, poly, prefix
 
-POLY_OPTIONS = ("degree", "approximation", "center", "logit_bound", "chunk")
-FAVOR_OPTIONS = ("num_features", "orthogonal", "chunk")
+POLY_OPTIONS = ("degree", "approximation", "center", "logit_bound", "chunk", "group_tokens")
+FAVOR_OPTIONS = ("num_features", "orthogonal", "chunk", "group_tokens")
 FLASH_OPTIONS = ("implementation", "group_tokens")
 EXACT_OPTIONS = ("query_block",)
 OPTIONS = {"exact": EXACT_OPTIONS, "flash": FLASH_OPTIONS, "poly": POLY_OPTIONS,
@@ -48,6 +48,10 @@ def check_options(backend, options):
         _checks.check_positive_int("num_features", options["num_features"])
     if "chunk" in options and options["chunk"] is not None:
         _checks.check_positive_int("chunk", options["chunk"])
+    if "group_tokens" in options:
+        g = options["group_tokens"]
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise ValueError(f"group_tokens must be a non-negative int, got {g!r}")
     if "degree" in options:
         d = options["degree"]
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
@@ -58,6 +62,7 @@ def low_rank_map(backend, head_dim, options, projection=None):
     """(FeatureMap, chunk) of a low-rank backend."""
     opts = dict(options)
     chunk = opts.pop("chunk", None)
+    opts.pop("group_tokens", None)  # only used by the full call
     if backend == "poly":
         fmap = poly.feature_map(head_dim, **opts)
     else:
@@ -122,6 +127,7 @@ def decode_scale(state: DecodeState, q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, scale_inde
         return out.astype(q_BxlxHxD.dtype), new
     head_dim = q_BxlxHxD.shape[-1]
     fmap, chunk = low_rank_map(backend, head_dim, state.options, state.arrays.get("projection"))
+    fmap = fmap._replace(precision=prefix.precision_for(q_BxlxHxD.dtype))
     sums = state.arrays["sums"]
     batch, num_heads = sums.c_BxH.shape
     if chunk is None:

@@ -1,4 +1,4 @@
-"""Exact block-causal softmax attention: the float32 reference every other backend is tested against.
+"""Exact block-causal softmax attention: the float32 reference the other backends are tested on.
 
 It applies VAR's mask (query i sees key j iff level(j) <= level(i)) to full rows of logits. For long
 sequences the logits of all L x L pairs do not fit in memory (L = 39404, H = 8 needs 50 GB), so the

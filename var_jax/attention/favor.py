@@ -41,9 +41,9 @@ def draw_projection(rng, num_features, head_dim, *, orthogonal=True):
     return rows * norms[:, None]
 
 
-def _log_features(x_BxCxHxD, w_MxD):
-    proj = jnp.einsum("bchd,md->bchm", x_BxCxHxD, w_MxD, precision=jax.lax.Precision.HIGHEST)
-    return proj - 0.5 * jnp.sum(x_BxCxHxD ** 2, axis=-1, keepdims=True)
+def _log_features(x_xD, w_MxD):
+    proj = jnp.einsum("...d,md->...m", x_xD, w_MxD, precision=jax.lax.Precision.HIGHEST)
+    return proj - 0.5 * jnp.sum(x_xD ** 2, axis=-1, keepdims=True)
 
 
 def positive_features(x_NxD, w_MxD):

@@ -100,22 +100,26 @@ def _multi_indices(head_dim, t):
     return combos, weights
 
 
-def monomial_features(x_BxCxHxD, coeffs, *, query_side):
-    """phi_q (query_side=True, carries the coefficient signs) or phi_k of the module docstring."""
-    head_dim = x_BxCxHxD.shape[-1]
+def monomial_features(x_xD, coeffs, *, query_side):
+    """phi_q (query_side=True, carries the coefficient signs) or phi_k of the module docstring.
+
+    The degree-t monomials are products of t gathered columns (one gather per factor, fused
+    with the product: measured faster on CPU than one (.., R, t) gather or a concatenation).
+    """
+    head_dim = x_xD.shape[-1]
     feats = []
     for t, a_t in enumerate(np.asarray(coeffs, np.float64)):
         if a_t == 0:
             continue
         idx, weights = _multi_indices(head_dim, t)
         scale = math.sqrt(abs(a_t)) * weights * (np.sign(a_t) if query_side else 1.0)
-        scale = jnp.asarray(scale, x_BxCxHxD.dtype)
+        scale = jnp.asarray(scale, x_xD.dtype)
         if t == 0:
-            mono = jnp.ones((*x_BxCxHxD.shape[:-1], 1), x_BxCxHxD.dtype)
-        elif t == 1:
-            mono = x_BxCxHxD
-        else:
-            mono = jnp.prod(jnp.take(x_BxCxHxD, jnp.asarray(idx), axis=-1), axis=-1)
+            feats.append(jnp.broadcast_to(scale, (*x_xD.shape[:-1], 1)))
+            continue
+        mono = jnp.take(x_xD, jnp.asarray(idx[:, 0]), axis=-1)
+        for j in range(1, t):
+            mono = mono * jnp.take(x_xD, jnp.asarray(idx[:, j]), axis=-1)
         feats.append(mono * scale)
     return jnp.concatenate(feats, axis=-1)
 

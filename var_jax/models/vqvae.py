@@ -46,6 +46,9 @@ class VQVAEConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-6
     codebook_init_std: float = 1.0  # normal init; unit scale like the encoder's outputs at init
+    # Matmul/conv precision. "highest" keeps float32 on GPUs/TPUs, where the default (TF32 /
+    # bf16 passes) flips tokens against the official float32 model; None for the faster default.
+    precision: str | None = "highest"
 
     def __post_init__(self):
         # Accept lists (ml_collections, JSON) and normalise to tuples so the config hashes.
@@ -62,6 +65,13 @@ class VQVAEConfig:
             if (self.ch * mult) % self.norm_groups:
                 raise ValueError(f"VQVAEConfig: every width ch * ch_mult must be divisible by "
                                  f"norm_groups={self.norm_groups}, got {self.ch} * {mult}")
+        if self.precision is not None:
+            try:
+                jax.lax.Precision(self.precision)
+            except ValueError as err:
+                raise ValueError("VQVAEConfig.precision must be None or a jax.lax.Precision "
+                                 f"name ('highest', 'high', 'default'), got {self.precision!r}"
+                                 ) from err
         if self.quant_conv_kernel % 2 == 0:
             raise ValueError("VQVAEConfig.quant_conv_kernel must be odd, got "
                              f"{self.quant_conv_kernel}")
@@ -114,11 +124,12 @@ class VQVAEConfig:
 # ----------------------------------------------------------------------------------------------
 # Layers (LDM/taming encoder-decoder blocks).
 
-def _conv(cin: int, cout: int, kernel: int, rngs: nnx.Rngs, *, stride: int = 1,
-          padding=None) -> nnx.Conv:
+def _conv(cin: int, cout: int, kernel: int, cfg: VQVAEConfig, rngs: nnx.Rngs, *,
+          stride: int = 1, padding=None) -> nnx.Conv:
     pad = kernel // 2
     return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
-                    padding=((pad, pad), (pad, pad)) if padding is None else padding, rngs=rngs)
+                    padding=((pad, pad), (pad, pad)) if padding is None else padding,
+                    precision=cfg.precision, rngs=rngs)
 
 
 def _norm(channels: int, cfg: VQVAEConfig, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -130,10 +141,10 @@ def _norm(channels: int, cfg: VQVAEConfig, rngs: nnx.Rngs) -> nnx.GroupNorm:
 class ResnetBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         self.norm1 = _norm(cin, cfg, rngs)
-        self.conv1 = _conv(cin, cout, 3, rngs)
+        self.conv1 = _conv(cin, cout, 3, cfg, rngs)
         self.norm2 = _norm(cout, cfg, rngs)
-        self.conv2 = _conv(cout, cout, 3, rngs)
-        self.nin_shortcut = _conv(cin, cout, 1, rngs) if cin != cout else None
+        self.conv2 = _conv(cout, cout, 3, cfg, rngs)
+        self.nin_shortcut = _conv(cin, cout, 1, cfg, rngs) if cin != cout else None
 
     def __call__(self, x):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -146,23 +157,25 @@ class AttnBlock(nnx.Module):
 
     def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         self.norm = _norm(channels, cfg, rngs)
-        self.qkv = _conv(channels, 3 * channels, 1, rngs)
-        self.proj_out = _conv(channels, channels, 1, rngs)
+        self.qkv = _conv(channels, 3 * channels, 1, cfg, rngs)
+        self.proj_out = _conv(channels, channels, 1, cfg, rngs)
+        self.precision = cfg.precision
 
     def __call__(self, x):
         batch, height, width, channels = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, height * width, 3 * channels)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # torch reshape(B, 3, C, H, W): [q | k | v]
-        logits = jnp.einsum("bic,bjc->bij", q, k) * channels ** -0.5
-        h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1), v)
+        logits = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision) * channels ** -0.5
+        h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1), v,
+                       precision=self.precision)
         return x + self.proj_out(h.reshape(batch, height, width, channels))
 
 
 class Downsample(nnx.Module):
     """Pad right/bottom by one, then a stride-2 3x3 conv (the official asymmetric padding)."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs):
-        self.conv = _conv(channels, channels, 3, rngs, stride=2, padding=((0, 1), (0, 1)))
+    def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+        self.conv = _conv(channels, channels, 3, cfg, rngs, stride=2, padding=((0, 1), (0, 1)))
 
     def __call__(self, x):
         return self.conv(x)
@@ -171,8 +184,8 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
     """Nearest x2, then a 3x3 conv."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs):
-        self.conv = _conv(channels, channels, 3, rngs)
+    def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+        self.conv = _conv(channels, channels, 3, cfg, rngs)
 
     def __call__(self, x):
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
@@ -187,7 +200,7 @@ class Level(nnx.Module):
                                for i in range(num_blocks)])
         self.attn = nnx.List([AttnBlock(cout, cfg, rngs=rngs) for _ in range(num_blocks)]
                              if attn else [])
-        resample_module = resample(cout, rngs=rngs) if resample is not None else None
+        resample_module = resample(cout, cfg, rngs=rngs) if resample is not None else None
         if resample is Downsample:
             self.downsample = resample_module
         elif resample is Upsample:
@@ -218,14 +231,14 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
-        self.conv_in = _conv(cfg.in_channels, cfg.ch, 3, rngs)
+        self.conv_in = _conv(cfg.in_channels, cfg.ch, 3, cfg, rngs)
         self.down = nnx.List([
             Level(cfg.ch if i == 0 else widths[i - 1], widths[i], cfg.num_res_blocks,
                   cfg.use_attn and i == last, Downsample if i != last else None, cfg, rngs=rngs)
             for i in range(len(widths))])
         self.mid = Mid(widths[-1], cfg, rngs=rngs)
         self.norm_out = _norm(widths[-1], cfg, rngs)
-        self.conv_out = _conv(widths[-1], cfg.z_channels, 3, rngs)
+        self.conv_out = _conv(widths[-1], cfg.z_channels, 3, cfg, rngs)
 
     def __call__(self, x):
         h = self.conv_in(x)
@@ -241,7 +254,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
-        self.conv_in = _conv(cfg.z_channels, widths[-1], 3, rngs)
+        self.conv_in = _conv(cfg.z_channels, widths[-1], 3, cfg, rngs)
         self.mid = Mid(widths[-1], cfg, rngs=rngs)
         # up[i] is the level at encoder resolution i (torch fills it with insert(0, ...)); it
         # runs from i = last down to 0 and takes the width of level i + 1 (or the last) as input.
@@ -250,7 +263,7 @@ class Decoder(nnx.Module):
                   cfg.use_attn and i == last, Upsample if i != 0 else None, cfg, rngs=rngs)
             for i in range(len(widths))])
         self.norm_out = _norm(widths[0], cfg, rngs)
-        self.conv_out = _conv(widths[0], cfg.in_channels, 3, rngs)
+        self.conv_out = _conv(widths[0], cfg.in_channels, 3, cfg, rngs)
 
     def __call__(self, z):
         h = self.mid(self.conv_in(z))
@@ -266,7 +279,7 @@ class PhiConvs(nnx.Module):
 
     def __init__(self, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         count = cfg.num_phi if cfg.phi_ratio else 0
-        self.qresi_ls = nnx.List([_conv(cfg.z_channels, cfg.z_channels, 3, rngs)
+        self.qresi_ls = nnx.List([_conv(cfg.z_channels, cfg.z_channels, 3, cfg, rngs)
                                   for _ in range(count)])
 
 
@@ -300,8 +313,8 @@ class VQVAE(nnx.Module):
         self.decoder = Decoder(config, rngs=rngs)
         self.quantize = Quantize(config, rngs=rngs)
         kernel = config.quant_conv_kernel
-        self.quant_conv = _conv(config.z_channels, config.z_channels, kernel, rngs)
-        self.post_quant_conv = _conv(config.z_channels, config.z_channels, kernel, rngs)
+        self.quant_conv = _conv(config.z_channels, config.z_channels, kernel, config, rngs)
+        self.post_quant_conv = _conv(config.z_channels, config.z_channels, kernel, config, rngs)
         self.phi_index = scales.phi_index_map(len(config.patch_nums), max(config.num_phi, 1))
 
     # -- parameters -----------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 from var_jax import data as data_lib
 from var_jax.train import checkpoint as ckpt_lib
 from var_jax.train import metrics as metrics_lib
-from var_jax.train import sharding, step as step_lib
+from var_jax.train import sharding
+from var_jax.train import step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):

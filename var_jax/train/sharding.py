@@ -15,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+# Arrays smaller than this stay replicated: splitting them costs more than it saves.
+FSDP_MIN_SIZE = 2**14
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
@@ -39,8 +41,9 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 2**14) -> P:
+def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int | None = None) -> P:
     """Splits the largest evenly divisible dimension over "fsdp"; small arrays stay replicated."""
+    min_size = FSDP_MIN_SIZE if min_size is None else min_size
     if fsdp_size == 1 or not shape or int(np.prod(shape)) < min_size:
         return P()
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):

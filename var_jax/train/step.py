@@ -10,7 +10,8 @@ values) and `finite` is 0 in the metrics, so the loop can stop without saving a 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,9 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
 
     loss_fn(model, frozen, batch, key) -> (scalar loss, metrics dict); it may update
     non-parameter variables of `model`; metrics whose name starts with "_" (and "_step", the
-    step number) reach post_update but are not returned. post_update(model, frozen, aux_metrics, key) -> metrics
-    runs after the optimizer update (e.g. dead-code re-seeding) and may edit the model.
+    step number) reach post_update but are not returned.
+    post_update(model, frozen, metrics, key) -> metrics runs after the optimizer update (e.g.
+    dead-code re-seeding) and may edit the model.
     """
 
     def train_step(state: dict, frozen: Any, batch: dict):
@@ -68,7 +70,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
             model = nnx.merge(graphdef, params, extra, copy=True)
             metrics.update(post_update(model, frozen, metrics, k_post))
             _, params, extra = split_model(model)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = {"step": step + 1, "params": params, "extra": extra, "opt_state": opt_state,
                "rng": state["rng"]}

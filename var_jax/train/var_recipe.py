@@ -19,9 +19,7 @@ from var_jax import scales
 from var_jax.models import var as var_lib
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
-from var_jax.train import loop
-from var_jax.train import optim
-from var_jax.train import tokenizer_recipe
+from var_jax.train import loop, optim, tokenizer_recipe
 
 
 def load_trained_tokenizer(config, tokenizer_dir: str, step: int | None = None) -> VQVAE:
@@ -131,8 +129,8 @@ def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: i
         m = jax.device_get(batch_metrics(state, frozen, jnp.asarray(images[i:i + batch_size]),
                                          jnp.asarray(labels[i:i + batch_size])))
         b = len(images[i:i + batch_size])
-        totals = jax.tree.map(lambda v: v * b, m) if totals is None else jax.tree.map(
-            lambda t, v: t + v * b, totals, m)
+        weighted = jax.tree.map(lambda v, b=b: np.asarray(v) * b, m)
+        totals = weighted if totals is None else jax.tree.map(np.add, totals, weighted)
         n += b
     m = jax.tree.map(lambda t: np.asarray(t) / n, totals)
     out = {"token_nll": float(m["nll"]), "token_acc": float(m["acc"])}

@@ -1,0 +1,185 @@
+"""The jitted next-scale sampler: filters, CFG, reproducibility, consistency, editing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import sampling
+from var_jax.models.var import VAR, VARConfig
+from var_jax.models.vqvae import VQVAE, VQVAEConfig
+
+PATCH_NUMS = (1, 2, 3, 4)
+VAR_CFG = VARConfig.tiny(width=32, patch_nums=PATCH_NUMS, vocab_size=32, cvae=8, num_classes=5,
+                         drop_path_rate=0.0)
+VAE_CFG = VQVAEConfig.tiny(image_size=16, patch_nums=PATCH_NUMS, vocab_size=32, z_channels=8,
+                           use_attn=False, use_mid_attn=False)
+
+
+def random_model(make, seed):
+    """A model with random weights drawn in numpy (no XLA compile): shapes from eval_shape,
+    kernels ~ N(0, 1 / fan_in), other parameters ~ N(0, 0.3^2), so every path carries signal."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.3
+        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+@pytest.fixture(scope="module")
+def models():
+    var = random_model(lambda: VAR(VAR_CFG, rngs=nnx.Rngs(0)), 0)
+    vae = random_model(lambda: VQVAE(VAE_CFG, rngs=nnx.Rngs(0)), 1)
+    return var, vae, sampling.Sampler(var, vae)
+
+
+def _reference_filter(logits, top_k, top_p):
+    """The official sample_with_top_k_top_p_ filter in float64 numpy."""
+    x = np.array(logits, np.float64)
+    if top_k > 0:
+        kth = np.sort(x, axis=-1)[..., -top_k][..., None]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p > 0:
+        order = np.argsort(x, axis=-1, kind="stable")
+        srt = np.take_along_axis(x, order, -1)
+        p = np.exp(srt - srt.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        remove = np.cumsum(p, -1) <= 1 - top_p
+        remove[..., -1] = False
+        mask = np.zeros_like(remove)
+        np.put_along_axis(mask, order, remove, -1)
+        x = np.where(mask, -np.inf, x)
+    return x
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.0), (0, 0.7), (7, 0.9), (1, 0.0), (0, 0.0),
+                                         (40, 0.5)])
+def test_filter_matches_official_rule(top_k, top_p):
+    logits = np.asarray(jax.random.normal(jax.random.key(0), (3, 4, 40))) * 2.0
+    if top_p == 0:  # ties at the top (top-p splits ties by sort order; here ties stay together)
+        logits[0, 0, :6] = logits[0, 0, 0]
+    got = sampling.filter_top_k_top_p(jnp.asarray(logits, jnp.float32), top_k,
+                                      top_p if top_p > 0 else None)
+    want = _reference_filter(logits.astype(np.float32), top_k, top_p)
+    np.testing.assert_array_equal(np.isinf(np.asarray(got)), np.isinf(want))
+    kept = ~np.isinf(want)
+    np.testing.assert_allclose(np.asarray(got)[kept], want[kept], rtol=1e-6)
+    if top_k == 5:  # the six tied top values are all kept
+        assert kept[0, 0, :6].all()
+
+
+def test_filter_rejects_top_k_above_vocabulary():
+    with pytest.raises(ValueError, match="top_k"):
+        sampling.filter_top_k_top_p(jnp.zeros((2, 8)), 9)
+
+
+def test_cfg_mix():
+    cond, uncond = jnp.full((2, 3, 4), 2.0), jnp.full((2, 3, 4), 0.5)
+    mixed = sampling.cfg_mix(jnp.concatenate([cond, uncond]), 1.5)
+    np.testing.assert_allclose(mixed, 2.5 * 2.0 - 1.5 * 0.5)
+
+
+def test_bilinear_matrix_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).random((16, 16))
+    for dst in (1, 3, 5, 13, 20):
+        got = sampling.bilinear_matrix(16, dst) @ x @ sampling.bilinear_matrix(16, dst).T
+        want = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], size=(dst, dst),
+                                               mode="bilinear", align_corners=False)[0, 0]
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-12)
+
+
+def test_keep_masks():
+    mask = np.zeros((16, 16))
+    mask[:, :8] = 1.0  # keep the left half
+    masks = sampling.edit_keep_masks(mask, (1, 2, 4, 8), batch=2)
+    assert [m.shape for m in masks] == [(2, 1), (2, 4), (2, 16), (2, 64)]
+    assert bool(masks[0].all()) and not bool(masks[1].all())  # pn**2 <= 3: forced
+    np.testing.assert_array_equal(np.asarray(masks[2][0]).reshape(4, 4),
+                                  np.repeat([[1, 1, 0, 0]], 4, axis=0).astype(bool))
+    with pytest.raises(ValueError, match="keep_mask"):
+        sampling.edit_keep_masks(np.zeros((3, 16, 16)), (1, 2), batch=2)
+
+
+def test_sampling_is_reproducible_and_shaped(models):
+    _, _, sampler = models
+    labels = jnp.array([0, 3, 5])
+    maps_a, img_a = sampler(labels, jax.random.key(7), cfg=1.5, top_k=0, top_p=0.9)
+    maps_b, img_b = sampler(labels, jax.random.key(7), cfg=1.5, top_k=0, top_p=0.9)
+    maps_c, _ = sampler(labels, jax.random.key(8), cfg=1.5, top_k=0, top_p=0.9)
+    assert [m.shape for m in maps_a] == [(3, p, p) for p in PATCH_NUMS]
+    assert all(m.dtype == jnp.int32 for m in maps_a)
+    assert img_a.shape == (3, 16, 16, 3)
+    assert float(img_a.min()) >= 0.0 and float(img_a.max()) <= 1.0
+    for a, b in zip(maps_a, maps_b):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(img_a, img_b)
+    assert any(not np.array_equal(a, c) for a, c in zip(maps_a, maps_c))
+
+
+def test_greedy_tokens_are_argmax_of_guided_teacher_forcing(models):
+    """The sampler's tokens, teacher-forced back through the model, are the CFG-mixed argmax."""
+    var, vae, sampler = models
+    labels = jnp.array([1, 4])
+    cfg = 2.0
+    maps, _ = sampler(labels, jax.random.key(0), cfg=cfg, top_k=1, top_p=0.0)
+
+    @nnx.jit
+    def guided(var, vae, labels, maps):
+        x = vae.teacher_forcing_inputs(maps)
+        both = var(jnp.concatenate([labels, jnp.full_like(labels, VAR_CFG.num_classes)]),
+                   jnp.concatenate([x, x]))
+        return both
+
+    both = np.asarray(guided(var, vae, labels, maps))
+    begin = 0
+    for k, pn in enumerate(PATCH_NUMS):
+        t = cfg * k / (len(PATCH_NUMS) - 1)
+        mixed = (1 + t) * both[:2, begin:begin + pn * pn] - t * both[2:, begin:begin + pn * pn]
+        np.testing.assert_array_equal(np.asarray(maps[k]).reshape(2, -1), mixed.argmax(-1))
+        begin += pn * pn
+
+
+def test_editing_keeps_reference_tokens(models):
+    var, vae, _ = models
+    labels = jnp.array([0, 1])
+    ref = [jax.random.randint(jax.random.key(k), (2, p, p), 0, VAR_CFG.vocab_size)
+           for k, p in enumerate(PATCH_NUMS)]
+    mask = np.zeros((16, 16))
+    mask[:, :8] = 1.0
+    maps, images = sampling.edit(var, vae, labels, ref, mask, key=5, cfg=1.0, top_k=0,
+                                 top_p=0.0, more_smooth=True)
+    again = sampling.edit(var, vae, labels, ref, mask, key=5, cfg=1.0, top_k=0, top_p=0.0,
+                          more_smooth=True)[1]
+    np.testing.assert_array_equal(images, again)  # reproducible, Gumbel mixing included
+    assert np.isfinite(np.asarray(images)).all()
+    keep = sampling.edit_keep_masks(mask, PATCH_NUMS, 2)
+    changed = 0
+    for k, (got, want) in enumerate(zip(maps, ref)):
+        got, want, kk = (np.asarray(a).reshape(2, -1) for a in (got, want, keep[k]))
+        np.testing.assert_array_equal(got[kk], want[kk])
+        changed += int((got[~kk] != want[~kk]).sum())
+    assert changed > 0  # outside the mask the model samples
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_bad_arguments(models):
+    _, _, sampler = models
+    with pytest.raises(ValueError, match="labels_B"):
+        sampler(jnp.array([0, 6]), 0, top_k=0)
+    with pytest.raises(ValueError, match="labels_B"):
+        sampler(jnp.array([-1]), 0, top_k=0)
+    with pytest.raises(ValueError, match="top_k"):
+        sampler(jnp.array([0]), 0, top_k=VAR_CFG.vocab_size + 1)
+    with pytest.raises(ValueError, match="top_p"):
+        sampler(jnp.array([0]), 0, top_k=0, top_p=1.5)
+    with pytest.raises(ValueError, match="key"):
+        sampler(jnp.array([0]), "seed", top_k=0)
+    other = VARConfig.tiny(width=32, patch_nums=(1, 2), vocab_size=32, cvae=8)
+    var = nnx.eval_shape(lambda: VAR(other, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="patch_nums"):
+        sampling.Sampler(var, models[1])

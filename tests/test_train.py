@@ -1,0 +1,255 @@
+"""The training system: schedules, config checks, checkpoints with exact resume, the NaN
+guard, both recipes on the tiny config, and an 8-device mesh in a subprocess."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from var_jax.train import config as config_lib
+from var_jax.train import loop, optim, runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import tiny_test  # noqa: E402
+
+
+def _lin0_reference(it, max_it, wp_it, wp0, wpe):
+    if it < wp_it:
+        return wp0 + (1 - wp0) * it / wp_it
+    pasd = (it - wp_it) / (max_it - 1 - wp_it)
+    return 1.0 if pasd < 0.05 else wpe + (1 - wpe) * (1 - pasd) / 0.95
+
+
+def test_lin0_and_wd_schedules_match_the_official_formulas():
+    for it in (0, 5, 9, 10, 11, 14, 50, 99):
+        got = float(optim.lin0_fraction(it, 100, 10, 0.005, 0.01))
+        assert got == pytest.approx(_lin0_reference(it, 100, 10, 0.005, 0.01), rel=1e-5)
+    assert float(optim.lin0_fraction(99, 100, 10, wpe=0.1)) == pytest.approx(0.1, rel=1e-5)
+    wd = optim.wd_schedule(0.05, 0.08, 101)
+    assert float(wd(0)) == pytest.approx(0.05) and float(wd(100)) == pytest.approx(0.08)
+    assert float(wd(50)) == pytest.approx(0.065, rel=1e-5)
+    assert optim.peak_lr(1e-4, 768) == pytest.approx(3e-4)
+
+
+def test_var_weight_decay_groups_and_adamw_update():
+    from var_jax.models.var import VAR
+
+    config = config_lib.var_config(tiny_test.get_config())
+    params = nnx.state(VAR(config, rngs=nnx.Rngs(0)), nnx.Param)
+    from var_jax.models.var import weight_decay_mask
+
+    flat = {jax.tree_util.keystr(p): m for p, m in
+            jax.tree_util.tree_leaves_with_path(weight_decay_mask(params))}
+    decayed = [k for k, m in flat.items() if m]
+    assert any("qkv_kernel" in k for k in decayed) and any("class_emb" in k for k in decayed)
+    assert not any(n in k for k in decayed for n in ("bias", "pos_1LC", "lvl_embed",
+                                                     "scale_mul"))
+    # One AdamW step with zero gradients only decays: p <- p (1 - lr wd) where decayed.
+    tx = optim.make_optimizer(lr=lambda s: 0.1, wd=0.5, b1=0.9, b2=0.95, clip=2.0,
+                              mask=weight_decay_mask)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    mask = weight_decay_mask(params)
+    leaves = (jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(mask))
+    for p, n, m in zip(*leaves, strict=True):
+        np.testing.assert_allclose(n, p * (0.95 if m else 1.0), rtol=1e-6, atol=1e-7)
+
+
+def test_config_validation_names_the_field():
+    config = tiny_test.get_config()
+    config_lib.validate(config, num_devices=1)
+    bad = tiny_test.get_config()
+    bad.unlock()
+    bad.train.learning_rat = 0.1
+    with pytest.raises(ValueError, match="train.learning_rat"):
+        config_lib.validate(bad)
+    bad = tiny_test.get_config()
+    bad.var.batch_size = 0
+    with pytest.raises(ValueError, match="var.batch_size"):
+        config_lib.validate(bad)
+    bad = tiny_test.get_config()
+    bad.var.batch_size = 6
+    with pytest.raises(ValueError, match="var.batch_size"):
+        config_lib.validate(bad, num_devices=4)
+    bad = tiny_test.get_config()
+    bad.var.model.vocab_size = 17
+    with pytest.raises(ValueError, match="var.model.vocab_size"):
+        config_lib.validate(bad)
+    bad = tiny_test.get_config()
+    bad.tokenizer.model.colour = 3
+    with pytest.raises(ValueError, match="tokenizer.model.colour"):
+        config_lib.validate(bad)
+    bad = tiny_test.get_config()
+    bad.tokenizer.model.image_size = 12
+    with pytest.raises(ValueError, match="tokenizer.model"):
+        config_lib.validate(bad)
+    # Through the command line: an unknown --config.x override fails in flag parsing.
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}", "--workdir=/nonexistent",
+         "--config.var.nonsense=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "nonsense" in out.stderr
+
+
+class ToyRecipe:
+    """A linear classifier on digits: the loop's behaviour without a big compile."""
+
+    name = "toy"
+
+    def __init__(self, steps):
+        self.steps, self.batch_size = steps, 8
+
+    def create_model(self, key):
+        return nnx.Linear(8 * 8 * 3, 10, rngs=nnx.Rngs(params=key))
+
+    def optimizer(self):
+        lr = optim.lin0_schedule(0.05, self.steps, 1)
+        return optim.make_optimizer(lr=lr, wd=0.01, b1=0.9, b2=0.95), lr
+
+    def loss(self, model, frozen, batch, key):
+        logits = model(batch["image"].reshape(batch["image"].shape[0], -1))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        noise = jax.random.uniform(key, ()) * 1e-3 * frozen["noise"]  # uses the step key
+        return loss + noise, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+    def frozen(self):
+        return {"noise": jnp.ones(())}
+
+
+def _toy_config(every=2):
+    c = tiny_test.get_config()
+    c.train.checkpoint_every = every
+    c.train.sample_every = 0
+    return c
+
+
+def _params(trainer):
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])]
+
+
+def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = loop.Trainer(ToyRecipe(4), _toy_config(), str(tmp_path / "a"))
+    straight.run()
+    straight.close()
+    first = loop.Trainer(ToyRecipe(4), _toy_config(), str(tmp_path / "b"))
+    first.run(num_steps=2)
+    saved = _params(first)
+    first.close()
+    resumed = loop.Trainer(ToyRecipe(4), _toy_config(), str(tmp_path / "b"))
+    assert resumed.step == 2
+    for a, b in zip(saved, _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    resumed.run()
+    resumed.close()
+    for a, b in zip(_params(straight), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = [json.loads(x) for x in open(tmp_path / "b" / "toy" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert os.listdir(tmp_path / "b" / "toy" / "tb")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poisoned(ToyRecipe):
+        """The 4th batch holds a NaN, so the 4th step's loss is NaN."""
+
+        def prepare_batch(self, batch):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 4:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            return batch
+
+    trainer = loop.Trainer(Poisoned(8), _toy_config(every=2), str(tmp_path))
+    with pytest.raises(loop.NonFiniteLossError, match="step 4.*last good checkpoint is step 2"):
+        trainer.run()
+    trainer.checkpointer.wait()
+    assert trainer.checkpointer.all_steps() == [2]
+    assert all(np.isfinite(x).all() for x in _params(trainer))
+    trainer.close()
+    # A restart resumes from the last good checkpoint.
+    again = loop.Trainer(ToyRecipe(8), _toy_config(every=2), str(tmp_path))
+    assert again.step == 2
+    again.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny"))
+
+
+def test_tokenizer_two_steps_write_checkpoint_metrics_grid_and_resume(tiny_workdir):
+    config = tiny_test.get_config()
+    summary = runner.run_stage(config, tiny_workdir, "tokenizer")
+    run_dir = os.path.join(tiny_workdir, "tokenizer")
+    assert summary["step"] == 2 and summary["checkpoints"] == [2]
+    assert os.path.exists(os.path.join(run_dir, "checkpoints", "2"))
+    assert summary["samples"] and os.path.exists(summary["samples"][0])
+    assert 0 < summary["eval"]["psnr"] < 60 and 0 < summary["eval"]["code_usage_mean"] <= 1
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    assert all(math.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+    from var_jax.train import tokenizer_recipe
+
+    restored = loop.Trainer(tokenizer_recipe.TokenizerRecipe(config), config, tiny_workdir)
+    assert restored.step == 2
+    again = loop.restore_model(tokenizer_recipe.TokenizerRecipe(config), run_dir)
+    for a, b in zip(jax.tree.leaves(nnx.state(restored.model(), nnx.Param)),
+                    jax.tree.leaves(nnx.state(again, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    restored.close()
+
+
+def test_var_two_steps_on_the_frozen_tokenizer(tiny_workdir):
+    config = tiny_test.get_config()
+    if not os.path.exists(os.path.join(tiny_workdir, "tokenizer", "checkpoints")):
+        runner.run_stage(config, tiny_workdir, "tokenizer")
+    summary = runner.run_stage(config, tiny_workdir, "var")
+    assert summary["step"] == 2 and summary["checkpoints"] == [2]
+    # Near-uniform predictions over 16 codes after 2 steps.
+    assert abs(summary["eval"]["token_nll"] - math.log(16)) < 0.5
+    assert "token_acc_scale2" in summary["eval"]
+    assert summary["samples"] and os.path.exists(summary["samples"][0])
+    rows = [json.loads(x) for x in open(os.path.join(tiny_workdir, "var", "metrics.jsonl"))]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows[0]["loss_per_scale"]) == 3
+
+
+def test_eight_device_mesh_in_a_subprocess(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        import jax, numpy as np
+        from test_train import ToyRecipe, _toy_config
+        from var_jax.train import loop
+        assert jax.device_count() == 8
+        from var_jax.train import sharding
+        sharding.FSDP_MIN_SIZE = 1  # split even the toy's small kernel
+        c = _toy_config(); c.mesh.data = 4; c.mesh.fsdp = 2
+        t = loop.Trainer(ToyRecipe(3), c, {str(tmp_path / "mesh")!r})
+        kernel = t.state["params"]["kernel"]
+        print("SPEC", kernel.sharding.spec, "MESH", dict(t.mesh.shape))
+        out = t.run(); t.close()
+        print("LOSS", out["train"]["loss"])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'data': 4" in out.stdout and "'fsdp': 2" in out.stdout
+    assert "fsdp" in out.stdout.split("SPEC")[1].split("MESH")[0]
+    loss_8 = float(out.stdout.split("LOSS")[1])
+    single = loop.Trainer(ToyRecipe(3), _toy_config(), str(tmp_path / "one"))
+    loss_1 = single.run()["train"]["loss"]
+    single.close()
+    assert loss_8 == pytest.approx(loss_1, rel=1e-4)
