@@ -115,10 +115,10 @@ def test_sampling_is_reproducible_and_shaped(models):
     assert all(m.dtype == jnp.int32 for m in maps_a)
     assert img_a.shape == (3, 16, 16, 3)
     assert float(img_a.min()) >= 0.0 and float(img_a.max()) <= 1.0
-    for a, b in zip(maps_a, maps_b):
+    for a, b in zip(maps_a, maps_b, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(img_a, img_b)
-    assert any(not np.array_equal(a, c) for a, c in zip(maps_a, maps_c))
+    assert any(not np.array_equal(a, c) for a, c in zip(maps_a, maps_c, strict=True))
 
 
 def test_greedy_tokens_are_argmax_of_guided_teacher_forcing(models):
@@ -159,7 +159,7 @@ def test_editing_keeps_reference_tokens(models):
     assert np.isfinite(np.asarray(images)).all()
     keep = sampling.edit_keep_masks(mask, PATCH_NUMS, 2)
     changed = 0
-    for k, (got, want) in enumerate(zip(maps, ref)):
+    for k, (got, want) in enumerate(zip(maps, ref, strict=True)):
         got, want, kk = (np.asarray(a).reshape(2, -1) for a in (got, want, keep[k]))
         np.testing.assert_array_equal(got[kk], want[kk])
         changed += int((got[~kk] != want[~kk]).sum())

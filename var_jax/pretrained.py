@@ -52,7 +52,8 @@ def infer_vqvae_config(state_dict: Mapping[str, np.ndarray], patch_nums, **overr
         raise ValueError("cannot infer the VQ-VAE configuration: no 'encoder.down.{i}' keys")
     ch_mult = tuple(_vae_shape(sd, f"encoder.down.{i}.block.0.conv2.weight")[0] // ch
                     for i in levels)
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    blocks = {int(m.group(1)) for k in sd
+              if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
     z_channels, _, kernel, _ = _vae_shape(sd, "quant_conv.weight")
     vocab = _vae_shape(sd, "quantize.embedding.weight")[0]
     num_phi = len({m.group(1) for k in sd
@@ -162,7 +163,7 @@ def _pure_params(model):
         if isinstance(tree, Mapping):
             return {str(k): strkeys(v) for k, v in tree.items()}
         return tree
-    return strkeys(nnx.state(model, nnx.Param).to_pure_dict())
+    return strkeys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _restore_into(model, restored: Mapping, what: str):
