@@ -209,11 +209,25 @@ def test_tokenizer_two_steps_write_checkpoint_metrics_grid_and_resume(tiny_workd
     restored.close()
 
 
-def test_var_two_steps_on_the_frozen_tokenizer(tiny_workdir):
+def test_var_two_steps_on_the_frozen_tokenizer_with_token_cache(tiny_workdir):
     config = tiny_test.get_config()
+    config.var.cache_tokens = True
     if not os.path.exists(os.path.join(tiny_workdir, "tokenizer", "checkpoints")):
         runner.run_stage(config, tiny_workdir, "tokenizer")
     summary = runner.run_stage(config, tiny_workdir, "var")
+    # The cache holds exactly what the frozen tokenizer gives on the fly (training examples).
+    from var_jax import data
+    from var_jax.models.var import flatten_token_maps
+    from var_jax.train import var_recipe
+
+    cache_path = os.path.join(tiny_workdir, "var", "token_cache.npz")
+    tokenizer = var_recipe.load_trained_tokenizer(config, os.path.join(tiny_workdir, "tokenizer"))
+    cache = var_recipe.build_token_cache(config, tokenizer, cache_path)
+    source = data.make_source(config.data, "train")
+    assert cache.shape == (len(source), 1 + 4 + 16)
+    batch = data.normalize({"image": source.images[:8], "label": source.labels[:8]})
+    fresh = flatten_token_maps(tokenizer.images_to_indices(jnp.asarray(batch["image"])))
+    np.testing.assert_array_equal(cache[:8], np.asarray(fresh))
     assert summary["step"] == 2 and summary["checkpoints"] == [2]
     # Near-uniform predictions over 16 codes after 2 steps.
     assert abs(summary["eval"]["token_nll"] - math.log(16)) < 0.5

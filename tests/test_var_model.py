@@ -188,23 +188,34 @@ def test_max_temperature_clamps_logit_bound():
 
 
 def test_weight_decay_mask_official_groups():
+    import optax
+
     cfg = dataclasses.replace(SMALL, shared_aln=True)
-    model = nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
-    mask = var_lib.weight_decay_mask(model)
-    flat = {".".join(str(p) for p in path): bool(v.get_value())
-            for path, v in nnx.to_flat_state(mask)}
-    decayed = sorted(k for k, v in flat.items() if v)
-    assert decayed == sorted(
+    model = _perturbed(cfg)
+    before = nnx.as_pure(nnx.state(model, nnx.Param))
+    # With zero gradients AdamW moves exactly the decayed parameters.
+    opt = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.5,
+                                           mask=var_lib.weight_decay_mask), wrt=nnx.Param)
+    opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+
+    def names(tree):
+        return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    moved = names(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after))
+    expected = sorted(
         ["class_emb.embedding", "word_embed.kernel", "head.kernel", "head_nm.ada_lin.kernel",
          "shared_ada_lin.kernel"]
         + [f"blocks.{i}.{n}" for i in range(cfg.depth)
            for n in ("attn.qkv_kernel", "attn.proj.kernel", "ffn.fc1.kernel",
                      "ffn.fc2.kernel")])
+    assert sorted(k for k, v in moved.items() if v) == expected
+    mask = names(var_lib.weight_decay_mask(model))
+    assert sorted(k for k, v in mask.items() if v) == expected
     for name in ("pos_start", "pos_1LC", "lvl_embed.embedding", "blocks.0.attn.scale_mul",
                  "blocks.0.ada_gss", "blocks.0.attn.q_bias", "head.bias"):
-        assert flat[name] is False
-    # Same structure as the parameters, usable as an optax mask.
-    assert jax.tree.structure(mask) == jax.tree.structure(nnx.state(model, nnx.Param))
+        assert mask[name] is False
 
 
 def test_token_cross_entropy_matches_log_softmax():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 from collections.abc import Mapping
 
 import jax
@@ -34,38 +33,11 @@ FORMAT = "var_jax.converted/1"
 # ----------------------------------------------------------------------------------------------
 # Architecture from shapes.
 
-def _vae_shape(sd, key):
-    if key not in sd:
-        raise ValueError(f"cannot infer the VQ-VAE configuration: key {key!r} is missing (is "
-                         "this a VQ-VAE state dict?)")
-    return tuple(np.shape(sd[key]))
-
-
 def infer_vqvae_config(state_dict: Mapping[str, np.ndarray], patch_nums, **overrides
                        ) -> VQVAEConfig:
     """The VQ-VAE configuration read off an official state dict; ``patch_nums`` (the VAR's
     schedule) fixes the image size (latent side x downsampling factor)."""
-    sd = state_dict
-    ch = _vae_shape(sd, "encoder.conv_in.weight")[0]
-    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    if not levels:
-        raise ValueError("cannot infer the VQ-VAE configuration: no 'encoder.down.{i}' keys")
-    ch_mult = tuple(_vae_shape(sd, f"encoder.down.{i}.block.0.conv2.weight")[0] // ch
-                    for i in levels)
-    blocks = {int(m.group(1)) for k in sd
-              if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
-    z_channels, _, kernel, _ = _vae_shape(sd, "quant_conv.weight")
-    vocab = _vae_shape(sd, "quantize.embedding.weight")[0]
-    num_phi = len({m.group(1) for k in sd
-                   if (m := re.match(r"quantize\.quant_resi\.qresi_ls\.(\d+)\.", k))})
-    patch_nums = tuple(patch_nums)
-    fields = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=max(blocks) + 1, z_channels=z_channels,
-                  quant_conv_kernel=kernel, vocab_size=vocab, num_phi=max(num_phi, 1),
-                  use_attn=f"encoder.down.{levels[-1]}.attn.0.norm.weight" in sd,
-                  use_mid_attn="encoder.mid.attn_1.norm.weight" in sd,
-                  patch_nums=patch_nums, image_size=patch_nums[-1] * 2 ** (len(ch_mult) - 1))
-    fields.update(overrides)
-    return VQVAEConfig(**fields)
+    return vqvae_convert.vqvae_config_from_state_dict(state_dict, tuple(patch_nums), **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

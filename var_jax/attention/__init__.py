@@ -30,10 +30,10 @@ def block_causal_attention(q, k, v, patch_nums, *, backend="exact", rng=None, **
     Options: exact ``query_block``; flash ``implementation`` (None, "xla", "cudnn"; default cuDNN
     for half precision on GPU), ``group_tokens``; poly ``degree`` (2), ``approximation``
     ("taylor" | "chebyshev"), ``center``, ``logit_bound``; favor ``num_features`` (256),
-    ``orthogonal`` (True) and an ``rng`` key (features are drawn per call); both ``chunk``
-    (tokens whose features exist at once) and ``group_tokens`` (leading scales done as one
-    masked product);
-    auto ``logit_bound`` (required), ``eps`` (1 / L): resolved by `plan`.
+    ``orthogonal`` (True) and an ``rng`` key (features are drawn per call); both also take
+    ``chunk`` (tokens whose features exist at once) and ``group_tokens`` (leading scales done as
+    one masked product); auto ``logit_bound`` (required) and ``eps`` (1 / L), resolved by
+    `plan` (whose ``.options`` are passed on).
     """
     backend = _checks.check_backend(backend)
     layout = _checks.check_qkv(q, k, v, patch_nums)

@@ -33,7 +33,9 @@ class ArraySource:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "label": self.labels[index]}
+        # The index lets a recipe look up per-example caches (e.g. precomputed VAR tokens).
+        return {"image": self.images[index], "label": self.labels[index],
+                "index": np.int32(index)}
 
     @property
     def num_classes(self) -> int:
@@ -88,13 +90,16 @@ def make_source(data_config, split: str):
 
 
 def normalize(batch: dict) -> dict:
-    """uint8 images (B, H, W[, C]) -> float32 RGB in [-1, 1]; labels int32."""
+    """uint8 images (B, H, W[, C]) -> float32 RGB in [-1, 1]; labels (and indices) int32."""
     images = np.asarray(batch["image"], np.float32)
     if images.ndim == 3:
         images = images[..., None]
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
-    return {"image": images * (2.0 / 255.0) - 1.0, "label": np.asarray(batch["label"], np.int32)}
+    out = {"image": images * (2.0 / 255.0) - 1.0, "label": np.asarray(batch["label"], np.int32)}
+    if "index" in batch:
+        out["index"] = np.asarray(batch["index"], np.int32)
+    return out
 
 
 def make_dataset(source, *, batch_size: int, seed: int, train: bool, image_size: int,

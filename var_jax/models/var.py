@@ -510,13 +510,15 @@ def decays(path) -> bool:
 
 
 def weight_decay_mask(model_or_state):
-    """A pytree of bools shaped like ``nnx.state(model, nnx.Param)``: True where decayed.
-
-    Usable as ``optax.adamw(..., mask=weight_decay_mask(model))`` with ``nnx.Optimizer``.
+    """A pytree of bools shaped like ``nnx.as_pure(nnx.state(model, nnx.Param))``: True where
+    decayed. Takes a model, its Param state, or a params pytree of arrays; so both
+    ``optax.adamw(..., mask=weight_decay_mask(model))`` and ``mask=weight_decay_mask`` (called
+    by optax on the params) work with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
     """
     state = model_or_state
     if isinstance(model_or_state, nnx.Module):
         state = nnx.state(model_or_state, nnx.Param)
+    state = nnx.as_pure(state)  # plain arrays, the structure optax sees inside nnx.Optimizer
 
     def name(entry):
         for attr in ("key", "idx", "name"):

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.var = dict(
         model={}, steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50, wp0=0.005,
         wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
-        tokenizer_workdir="", eval_examples=2000)
+        tokenizer_workdir="", eval_examples=2000, cache_tokens=False)
     c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=8,
                     eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
     c.classifier = dict(steps=1500, batch_size=128, lr=2e-3)
@@ -140,6 +140,9 @@ def validate(config, num_devices: int | None = None) -> None:
         if getattr(var, field) != want:
             raise ValueError(f"config: var.model.{field}={getattr(var, field)} must match the "
                              f"tokenizer ({want})")
+    if config.var.cache_tokens and config.data.source == "image_folder":
+        raise ValueError("config: var.cache_tokens needs a source without random augmentation "
+                         "(fashion_mnist or digits), found data.source='image_folder'")
     classes = _DATA_CLASSES.get(config.data.source)
     if classes is not None and var.num_classes != classes:
         raise ValueError(f"config: var.model.num_classes={var.num_classes} must equal the "

@@ -57,8 +57,7 @@ def run_demo(config, workdir: str) -> dict:
             config.data.root or fashion_mnist.DEFAULT_ROOT):
         _log("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist); "
              "falling back to scikit-learn digits")
-        config = config.unlock() if hasattr(config, "unlock") else config
-        config.data.source = "digits"
+        config.data.source = "digits"  # digits are Lanczos-resized to data.image_size
     config_lib.validate(config, num_devices=jax.device_count())
     times, report = {}, {"data": config.data.source}
 

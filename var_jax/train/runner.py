@@ -17,7 +17,12 @@ def make_recipe(config, workdir: str, stage: str):
         tokenizer_dir = config.var.tokenizer_workdir or workdir
         tokenizer = var_recipe.load_trained_tokenizer(
             config, os.path.join(tokenizer_dir, tokenizer_recipe.TokenizerRecipe.name))
-        return var_recipe.VARRecipe(config, tokenizer)
+        cache = None
+        if config.var.cache_tokens:
+            cache = var_recipe.build_token_cache(
+                config, tokenizer, os.path.join(workdir, var_recipe.VARRecipe.name,
+                                                "token_cache.npz"))
+        return var_recipe.VARRecipe(config, tokenizer, cache)
     raise ValueError(f"stage: expected 'tokenizer' or 'var', found {stage!r}")
 
 

@@ -126,16 +126,11 @@ class TokenizerRecipe:
 
     def sample_grid(self, model: TokenizerTrainModel, frozen, key) -> np.ndarray:
         """Row 1: held-out originals; row 2: their reconstructions."""
-        images = self._eval_data()[0][:8]
-        recon = np.asarray(_reconstruct(model.vqvae, jnp.asarray(images)))
-        return image_grid(np.concatenate([images, recon]), rows=2, value_range=(-1, 1))
-
-
-@nnx.jit
-def _reconstruct(vqvae: VQVAE, images):
-    f = vqvae.encode_features(images)
-    _, f_hat = vqvae.features_to_indices(f)
-    return vqvae.decode_features(f_hat)
+        # One evaluation-sized batch, so the evaluation's compiled function is reused.
+        images = self._eval_data()[0][:self.config.data.eval_batch_size]
+        recon = np.asarray(_eval_batch(model.vqvae, jnp.asarray(images))[3])
+        n = min(8, len(images))
+        return image_grid(np.concatenate([images[:n], recon[:n]]), rows=2, value_range=(-1, 1))
 
 
 @nnx.jit
@@ -145,7 +140,7 @@ def _eval_batch(vqvae: VQVAE, images):
     recon = vqvae.decode_features(f_hat)
     mse01 = jnp.mean(jnp.square(recon - images), axis=(1, 2, 3)) / 4.0
     hits = quantizer.index_hits(indices, vqvae.config.vocab_size, vqvae.config.patch_nums)
-    return psnr_from_mse(mse01), mse01, hits
+    return psnr_from_mse(mse01), mse01, hits, recon
 
 
 def evaluate_tokenizer(vqvae: VQVAE, images: np.ndarray, batch_size: int) -> dict:
@@ -153,7 +148,7 @@ def evaluate_tokenizer(vqvae: VQVAE, images: np.ndarray, batch_size: int) -> dic
     psnrs, mses, hits = [], [], 0
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
-        p, m, h = _eval_batch(vqvae, jnp.asarray(chunk))
+        p, m, h, _ = _eval_batch(vqvae, jnp.asarray(chunk))
         psnrs.append(np.asarray(p))
         mses.append(np.asarray(m))
         hits = hits + np.asarray(h)

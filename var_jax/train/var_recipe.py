@@ -1,20 +1,25 @@
 """VAR transformer training on the generic loop, with a frozen tokenizer.
 
 Tokens are computed on the fly from each image batch with the frozen VQ-VAE (as the official
-code does): token maps r_1..r_K, the teacher-forcing inputs, the VAR logits (label dropout
-`cond_drop_rate` inside the model when training), and the plain mean cross-entropy over all L
-tokens. Optimizer: AdamW (0.9, 0.95) with the official decay groups, lr = base_lr * batch / 256
-with linear warmup then 'lin0', weight decay cosine twd -> twde, global-norm clip 2.0. Logged per
-scale: loss and accuracy; evaluation reports the token NLL and accuracy on held-out images.
+code does), or, with `var.cache_tokens` and a source without random augmentation, once for the
+whole training set (saved beside the run as token_cache.npz, looked up by example index).
+Then: the teacher-forcing inputs, the VAR logits (label dropout `cond_drop_rate` inside the
+model when training), and the plain mean cross-entropy over all L tokens. Optimizer: AdamW
+(0.9, 0.95) with the official decay groups, lr = base_lr * batch / 256 with linear warmup then
+'lin0', weight decay cosine twd -> twde, global-norm clip 2.0. Logged per scale: loss and
+accuracy; evaluation reports the token NLL and accuracy on held-out images.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax import data as data_lib
 from var_jax import scales
 from var_jax.models import var as var_lib
 from var_jax.models.vqvae import VQVAE
@@ -31,6 +36,32 @@ def load_trained_tokenizer(config, tokenizer_dir: str, step: int | None = None) 
 def load_trained_var(config, tokenizer: VQVAE, var_dir: str, step: int | None = None):
     """The VAR transformer from the latest (or given) checkpoint of a VAR run directory."""
     return loop.restore_model(VARRecipe(config, tokenizer), var_dir, step)
+
+
+def build_token_cache(config, tokenizer: VQVAE, path: str, batch_size: int = 500) -> np.ndarray:
+    """Token maps (N, L) int32 of every training example, in source order; reused from `path`
+    when it was built from the same data and the same tokenizer parameters."""
+    source = data_lib.make_source(config.data, "train")
+    if not isinstance(source, data_lib.ArraySource):
+        raise ValueError("var.cache_tokens: expected an in-memory source (fashion_mnist, "
+                         f"digits), found {type(source).__name__}")
+    leaves = jax.tree.leaves(nnx.state(tokenizer, nnx.Param))
+    fingerprint = float(sum(float(jnp.sum(jnp.abs(x))) for x in leaves))
+    if os.path.exists(path):
+        with np.load(path) as cached:
+            if cached["tokens"].shape[0] == len(source) and \
+                    float(cached["fingerprint"]) == fingerprint:
+                return cached["tokens"]
+    encode = nnx.jit(lambda vq, x: var_lib.flatten_token_maps(vq.images_to_indices(x)))
+    parts = []
+    for i in range(0, len(source), batch_size):
+        batch = data_lib.normalize({"image": source.images[i:i + batch_size],
+                                    "label": source.labels[i:i + batch_size]})
+        parts.append(np.asarray(encode(tokenizer, jnp.asarray(batch["image"]))))
+    tokens = np.concatenate(parts).astype(np.int32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, tokens=tokens, fingerprint=fingerprint)
+    return tokens
 
 
 def per_scale_means(values_BxL, patch_nums) -> jax.Array:
@@ -50,8 +81,9 @@ def token_metrics(logits_BxLxV, targets_BxL, patch_nums) -> dict:
 class VARRecipe:
     name = "var"
 
-    def __init__(self, config, tokenizer: VQVAE):
+    def __init__(self, config, tokenizer: VQVAE, token_cache: np.ndarray | None = None):
         self.config = config
+        self.token_cache = token_cache
         self.cfg = config.var
         self.model_config = config_lib.var_config(config)
         self.steps = self.cfg.steps
@@ -74,18 +106,23 @@ class VARRecipe:
         return tx, lr
 
     def frozen(self):
-        return self.vq_state
+        return {"vq": self.vq_state, "tokens": self.token_cache}
 
-    def tokens(self, frozen, images):
-        """(targets (B, L), teacher-forcing inputs (B, L-1, Cvae)) from the frozen tokenizer."""
-        vq = nnx.merge(self.vq_graphdef, frozen)
-        indices = vq.images_to_indices(images)
+    def tokens(self, frozen, images, index=None):
+        """(targets (B, L), teacher-forcing inputs (B, L-1, Cvae)) from the frozen tokenizer, or
+        from the token cache when it exists and example indices are given."""
+        vq = nnx.merge(self.vq_graphdef, frozen["vq"])
+        if index is not None and frozen["tokens"] is not None:
+            targets = frozen["tokens"][index]
+            indices = targets
+        else:
+            indices = vq.images_to_indices(images)
+            targets = var_lib.flatten_token_maps(indices)
         x = vq.teacher_forcing_inputs(indices)
-        targets = var_lib.flatten_token_maps(indices)
         return jax.lax.stop_gradient(targets), jax.lax.stop_gradient(x)
 
     def loss(self, model: var_lib.VAR, frozen, batch, key):
-        targets, x = self.tokens(frozen, batch["image"])
+        targets, x = self.tokens(frozen, batch["image"], batch.get("index"))
         logits = model(batch["label"], x, deterministic=False, rngs=key)
         m = token_metrics(logits, targets, self.patch_nums)
         metrics = {"acc": m["acc"], "loss_last": m["nll_per_scale"][-1],
