@@ -51,7 +51,7 @@ def validate_schedule(patch_nums) -> tuple[int, ...]:
         raise ValueError("patch_nums must hold at least one scale, got an empty sequence")
     if any(p < 1 for p in sides):
         raise ValueError(f"patch_nums must be positive, got {sides}")
-    if any(b <= a for a, b in zip(sides, sides[1:])):
+    if any(b <= a for a, b in zip(sides, sides[1:], strict=False)):
         raise ValueError(f"patch_nums must be strictly increasing, got {sides}")
     return sides
 
