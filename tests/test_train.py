@@ -58,8 +58,13 @@ def test_var_weight_decay_groups_and_adamw_update():
     tx = optim.make_optimizer(lr=lambda s: 0.1, wd=0.5, b1=0.9, b2=0.95, clip=2.0,
                               mask=weight_decay_mask)
     grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    new = optax.apply_updates(params, updates)
+
+    @jax.jit
+    def apply(params, grads):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    new = apply(params, grads)
     mask = weight_decay_mask(params)
     leaves = (jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(mask))
     for p, n, m in zip(*leaves, strict=True):
@@ -139,9 +144,10 @@ def _params(trainer):
 
 
 def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
-    straight = loop.Trainer(ToyRecipe(4), _toy_config(), str(tmp_path / "a"))
+    straight = loop.Trainer(ToyRecipe(4), _toy_config(every=1), str(tmp_path / "a"))
     straight.run()
     straight.close()
+    assert straight.checkpointer.all_steps() == [3, 4]  # keep_checkpoints=2
     first = loop.Trainer(ToyRecipe(4), _toy_config(), str(tmp_path / "b"))
     first.run(num_steps=2)
     saved = _params(first)
