@@ -1,0 +1,1 @@
+"""Training system: sharding, optimiser, jitted steps, checkpoints, metrics, the loop, recipes."""
