@@ -1,7 +1,7 @@
 """A seconds-long config for tests: scikit-learn digits at their native 8x8, a 2-level
 tokenizer with scales (1, 2, 4) and a 1-block VAR.
 
-    python scripts/train.py --config=configs/tiny_test.py --workdir=/tmp/tiny --stage=tokenizer
+    python scripts/train.py --config=configs/tiny_test.py --workdir=runs/tiny --stage=tokenizer
 """
 
 from var_jax.train.config import base_config

@@ -12,7 +12,7 @@ per-scale cuDNN call and "dense_full" one unmasked cuDNN call over all L tokens 
 block-causal attention needs: a lower bound on what a single fused call costs).
 
   python scripts/bench_attention.py                       # CPU defaults, n = 16..128
-  python scripts/bench_attention.py --dtype=bfloat16 --max_n=256 --out=/tmp/bench   # GPU
+  python scripts/bench_attention.py --dtype=bfloat16 --max_n=256 --out=runs/bench   # GPU
 """
 
 from __future__ import annotations
