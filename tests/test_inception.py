@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from var_jax import interp
 from var_jax.convert import common
 from var_jax.evaluate import fid, inception
 
@@ -318,8 +319,8 @@ def test_resize_matches_torch_interpolate():
                                                mode="bilinear", align_corners=False)
         want = want.numpy().transpose(0, 2, 3, 1)
         # The interpolation weights are exact in float64 ...
-        exact = np.einsum("oh,pw,bchw->bopc", inception._resize_axis_weights(h, 75),
-                          inception._resize_axis_weights(w, 75), x)
+        exact = np.einsum("oh,pw,bchw->bopc", interp.resize_matrix(h, 75, "bilinear"),
+                          interp.resize_matrix(w, 75, "bilinear"), x)
         np.testing.assert_allclose(exact, want, atol=1e-12)
         # ... and the float32 network input differs only by rounding of the source coordinates.
         got = inception.preprocess(x.transpose(0, 2, 3, 1).astype(np.float32), 75)

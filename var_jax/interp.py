@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("area", "bicubic")
+MODES = ("area", "bicubic", "bilinear")
 BICUBIC_A = -0.75  # torch's choice (upsample_bicubic2d), also OpenCV's
 
 
@@ -63,9 +63,22 @@ def _bicubic_matrix(src: int, dst: int) -> np.ndarray:
     return out
 
 
+def _bilinear_matrix(src: int, dst: int) -> np.ndarray:
+    """Two taps at the half-pixel source coordinate, clamped at the borders (no antialias)."""
+    out = np.zeros((dst, src), np.float64)
+    for i in range(dst):
+        real = max((i + 0.5) * src / dst - 0.5, 0.0)
+        lo = min(int(np.floor(real)), src - 1)
+        hi = min(lo + 1, src - 1)
+        out[i, lo] += 1.0 - (real - lo)
+        out[i, hi] += real - lo
+    return out
+
+
 @functools.cache
 def _cached_matrix(src: int, dst: int, mode: str) -> np.ndarray:
-    matrix = _area_matrix(src, dst) if mode == "area" else _bicubic_matrix(src, dst)
+    build = {"area": _area_matrix, "bicubic": _bicubic_matrix, "bilinear": _bilinear_matrix}[mode]
+    matrix = build(src, dst)
     matrix.flags.writeable = False
     return matrix
 
@@ -73,7 +86,8 @@ def _cached_matrix(src: int, dst: int, mode: str) -> np.ndarray:
 def resize_matrix(src: int, dst: int, mode: str) -> np.ndarray:
     """The (dst, src) float64 matrix M with ``torch.interpolate(x, dst, mode) == M @ x`` (1-D).
 
-    ``mode`` is ``"area"`` or ``"bicubic"``; ``align_corners=False`` and an explicit output size
+    ``mode`` is ``"area"``, ``"bicubic"`` or ``"bilinear"`` (the last for editing masks and FID
+    inputs, not the quantizer); ``align_corners=False`` and an explicit output size
     (no scale factor), as the VAR quantizer calls it. The array is cached and read-only.
     """
     src, dst = _check_side("src", src), _check_side("dst", dst)

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax import interp
+
 # ----------------------------------------------------------------------------------------------
 # Pure pieces.
 
@@ -78,20 +80,9 @@ def gumbel_softmax(key, logits, tau: float):
     return jax.nn.softmax((logits + gumbels) / tau, axis=-1)
 
 
-@functools.lru_cache(maxsize=64)
 def bilinear_matrix(src: int, dst: int) -> np.ndarray:
     """(dst, src) float64 matrix of torch bilinear resizing (align_corners=False, no antialias)."""
-    out = np.zeros((dst, src))
-    scale = src / dst
-    for i in range(dst):
-        x = max((i + 0.5) * scale - 0.5, 0.0)
-        i0 = min(int(math.floor(x)), src - 1)
-        i1 = min(i0 + 1, src - 1)
-        frac = x - i0
-        out[i, i0] += 1 - frac
-        out[i, i1] += frac
-    out.setflags(write=False)
-    return out
+    return interp.resize_matrix(src, dst, "bilinear")
 
 
 def edit_keep_masks(keep_mask, patch_nums, batch: int) -> list[jax.Array]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax import interp
 from var_jax.convert import common
 
 FID_IMAGE_SIZE = 299
@@ -37,30 +38,10 @@ IGNORED_SUFFIX = "num_batches_tracked"
 # ----------------------------------------------------------------------------------------------
 # Pure functions.
 
-def _resize_axis_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) interpolation matrix with torch's align_corners=False source coordinates."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)  # torch clamps below at 0
-    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    w = np.zeros((out_size, in_size), np.float64)
-    w[np.arange(out_size), lo] += 1.0 - frac
-    w[np.arange(out_size), hi] += frac
-    return w
-
-
 def resize_bilinear(images_BxHxWxC: jax.Array, size: int) -> jax.Array:
     """Bilinear resize to (size, size), equal to torch ``F.interpolate(mode="bilinear",
-    align_corners=False)`` (separable: one matrix per axis, applied as two contractions)."""
-    _, h, w, _ = images_BxHxWxC.shape
-    if (h, w) == (size, size):
-        return images_BxHxWxC
-    wh = jnp.asarray(_resize_axis_weights(h, size), images_BxHxWxC.dtype)
-    ww = jnp.asarray(_resize_axis_weights(w, size), images_BxHxWxC.dtype)
-    hp = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,bhwc->bowc", wh, images_BxHxWxC, precision=hp)
-    return jnp.einsum("pw,bowc->bopc", ww, x, precision=hp)
+    align_corners=False)``."""
+    return interp.resize(images_BxHxWxC, (size, size), "bilinear")
 
 
 def preprocess(images_BxHxWx3: jax.Array, size: int = FID_IMAGE_SIZE) -> jax.Array:
