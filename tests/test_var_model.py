@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from var_jax import scales
+from var_jax.convert import var as var_convert
 from var_jax.models import var as var_lib
 from var_jax.models.var import VAR, VARConfig
 
@@ -66,7 +67,8 @@ def test_official_size_rule():
 def test_initialisation_follows_official_rule():
     cfg = VARConfig(depth=2, width=192, num_heads=3, patch_nums=(1, 2, 3, 4), vocab_size=256,
                     init_alng=1e-3)
-    model = VAR(cfg, rngs=nnx.Rngs(0))
+    # Drawn in the stacked layout (nnx.vmap, one key per layer), inspected per layer.
+    model = var_convert.relayout(VAR(cfg, rngs=nnx.Rngs(0)), scan_layers=False)
     std = math.sqrt(1 / (3 * cfg.width))
     blk = model.blocks[1]
     assert np.std(np.asarray(blk.attn.qkv_kernel[...])) == pytest.approx(std, rel=0.02)
@@ -87,15 +89,18 @@ def test_initialisation_follows_official_rule():
     # Plain normal, not truncated at 2 std (torch truncates at +-2 absolute).
     assert np.max(np.abs(np.asarray(blk.ffn.fc1.kernel[...]))) > 3 * std
     # Drop-path: linear from 0 over the blocks.
-    rates = [b.drop_path_rate for b in model.blocks]
-    np.testing.assert_allclose(rates, np.linspace(0, cfg.drop_path_rate, cfg.depth))
+    rates = model.layer_inputs().drop_rate
+    np.testing.assert_allclose(rates, np.linspace(0, cfg.drop_path_rate, cfg.depth), rtol=1e-6)
+    # The layers were drawn with different keys.
+    assert not np.allclose(model.blocks[0].ffn.fc1.kernel[...], model.blocks[1].ffn.fc1.kernel[...])
 
 
 def test_shared_aln_init_and_shapes():
     cfg = dataclasses.replace(SMALL, shared_aln=True, init_alng=1e-3)
     model = VAR(cfg, rngs=nnx.Rngs(0))
-    gss = np.asarray(model.blocks[0].ada_gss[...])
-    assert gss.shape == (6, 32) and not hasattr(model.blocks[0], "ada_lin")
+    assert model.blocks.ada_gss[...].shape == (cfg.depth, 6, 32)
+    gss = np.asarray(model.blocks.ada_gss[...][0])
+    assert not hasattr(model.blocks, "ada_lin")
     assert np.std(gss[:2]) == pytest.approx(1e-3 / math.sqrt(32), rel=0.3)
     assert np.std(gss[2:]) == pytest.approx(0.5 / math.sqrt(32), rel=0.3)
     assert model.shared_ada_lin.kernel[...].shape == (32, 6, 32)
@@ -176,8 +181,9 @@ def test_label_dropout_and_drop_path_use_the_given_key():
 def test_max_temperature_clamps_logit_bound():
     cfg = dataclasses.replace(SMALL, max_temperature=3.0)
     model = _perturbed(cfg)
-    for block in model.blocks:
-        block.attn.scale_mul[...] = jnp.log(jnp.array([2.0, 50.0]))
+    model.blocks.attn.scale_mul[...] = jnp.log(jnp.array([[2.0, 50.0]] * cfg.depth))
+    np.testing.assert_allclose(model.logit_bounds(), [3.0, 3.0], rtol=1e-6)
+    model = var_convert.relayout(model, scan_layers=False)
     np.testing.assert_allclose(model.logit_bounds(), [3.0, 3.0], rtol=1e-6)
     np.testing.assert_allclose(model.blocks[0].attn.temperature(), [2.0, 3.0], rtol=1e-6)
     # The attention logits q.k really stay inside the bound.
@@ -187,10 +193,11 @@ def test_max_temperature_clamps_logit_bound():
     assert float(jnp.max(jnp.abs(jnp.einsum("blhd,bmhd->bhlm", q, k)))) <= 3.0 + 1e-5
 
 
-def test_weight_decay_mask_official_groups():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_weight_decay_mask_official_groups(scan_layers):
     import optax
 
-    cfg = dataclasses.replace(SMALL, shared_aln=True)
+    cfg = dataclasses.replace(SMALL, shared_aln=True, scan_layers=scan_layers)
     model = _perturbed(cfg)
     before = nnx.as_pure(nnx.state(model, nnx.Param))
     # With zero gradients AdamW moves exactly the decayed parameters.
@@ -205,17 +212,18 @@ def test_weight_decay_mask_official_groups():
                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
     moved = names(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after))
+    layers = [f"{i}." for i in range(cfg.depth)] if not scan_layers else [""]
     expected = sorted(
         ["class_emb.embedding", "word_embed.kernel", "head.kernel", "head_nm.ada_lin.kernel",
          "shared_ada_lin.kernel"]
-        + [f"blocks.{i}.{n}" for i in range(cfg.depth)
+        + [f"blocks.{i}{n}" for i in layers
            for n in ("attn.qkv_kernel", "attn.proj.kernel", "ffn.fc1.kernel",
                      "ffn.fc2.kernel")])
     assert sorted(k for k, v in moved.items() if v) == expected
     mask = names(var_lib.weight_decay_mask(model))
     assert sorted(k for k, v in mask.items() if v) == expected
-    for name in ("pos_start", "pos_1LC", "lvl_embed.embedding", "blocks.0.attn.scale_mul",
-                 "blocks.0.ada_gss", "blocks.0.attn.q_bias", "head.bias"):
+    for name in ("pos_start", "pos_1LC", "lvl_embed.embedding", f"blocks.{layers[0]}attn.scale_mul",
+                 f"blocks.{layers[0]}ada_gss", f"blocks.{layers[0]}attn.q_bias", "head.bias"):
         assert mask[name] is False
 
 

@@ -24,6 +24,7 @@ from var_jax import quantizer, sampling
 from var_jax.convert import common
 from var_jax.convert import var as var_convert
 from var_jax.convert import vqvae as vqvae_convert
+from var_jax.models import construct
 from var_jax.models.var import VAR, VARConfig
 from var_jax.models.vqvae import VQVAE, VQVAEConfig
 
@@ -138,36 +139,42 @@ def _pure_params(model):
     return strkeys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def _restore_into(model, restored: Mapping, what: str):
-    flat_model = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+def _flatten(tree: Mapping, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
 
-    def flat(tree, prefix=()):
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                yield from flat(value, prefix + (key,))
-            else:
-                yield prefix + (key,), value
 
-    by_name = {tuple(str(p) for p in path): path for path in flat_model}
-    stored = dict(flat(restored))
-    missing = sorted(".".join(k) for k in set(by_name) - set(stored))
-    unexpected = sorted(".".join(k) for k in set(stored) - set(by_name))
-    wrong = [f"{'.'.join(k)}: stored {tuple(np.shape(v))}, model "
-             f"{tuple(flat_model[by_name[k]].shape)}"
-             for k, v in stored.items()
-             if k in by_name and tuple(np.shape(v)) != tuple(flat_model[by_name[k]].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(f"converted {what} checkpoint does not fit its config: missing "
-                         f"{missing[:10]}, unexpected {unexpected[:10]}, wrong shapes {wrong[:10]}")
-    for name, path in by_name.items():
-        var = flat_model[path]
-        var.set_value(jnp.asarray(stored[name], var.dtype))
-    return model
+def _restore_into(model, flat_arrays: Mapping[tuple, np.ndarray], what: str):
+    """Strict (through ``common.convert_arrays``, as every loader): the stored names and
+    shapes must be exactly the model's."""
+    paths = common.param_paths(model)
+    by_name = {".".join(map(str, path)): path for path in paths}
+    stored = {".".join(map(str, path)): value for path, value in flat_arrays.items()}
+    rules = [common.Rule(name, path) for name, path in by_name.items()]
+    converted = common.convert_arrays(stored, rules, paths,
+                                      what=f"converted {what} checkpoint",
+                                      owner=f"{type(model).__name__} of its config.json")
+    return common.assign_params(model, converted)
+
+
+def _stored_var_fields(meta: Mapping) -> dict:
+    fields = dict(meta["var"])
+    # Directories written before the layout was recorded hold the looped layout.
+    fields.setdefault("scan_layers", False)
+    return fields
 
 
 def load_converted(directory, *, attn_backend=None, attn_options=None, dtype=None,
-                   param_dtype=None) -> Pipeline:
-    """Reads a directory written by :meth:`Pipeline.save` (no torch)."""
+                   param_dtype=None, scan_layers=None, remat=None) -> Pipeline:
+    """Reads a directory written by :meth:`Pipeline.save` (no torch).
+
+    The directory records the layout of the VAR blocks it holds (``scan_layers``); it loads
+    into either (``scan_layers``: None keeps the stored one). The other arguments choose how the
+    model runs (None: as stored).
+    """
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
@@ -180,34 +187,36 @@ def load_converted(directory, *, attn_backend=None, attn_options=None, dtype=Non
         raise ValueError(f"{meta_path} is not valid JSON: {err}") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    var_fields = dict(meta["var"])
+    stored_cfg = VARConfig.from_dict(_stored_var_fields(meta))
+    var_fields = stored_cfg.to_dict()
     for name, value in (("attn_backend", attn_backend), ("attn_options", attn_options),
-                        ("dtype", dtype), ("param_dtype", param_dtype)):
+                        ("dtype", dtype), ("param_dtype", param_dtype),
+                        ("scan_layers", scan_layers), ("remat", remat)):
         if value is not None:
             var_fields[name] = value
     var_cfg = VARConfig.from_dict(var_fields)
     vae_cfg = VQVAEConfig.from_dict(meta["vqvae"])
-    models = {"var": _abstract(lambda: VAR(var_cfg, rngs=nnx.Rngs(0))),
-              "vqvae": _abstract(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)))}
+    stored_models = {"var": construct.shape_model(lambda: VAR(stored_cfg, rngs=nnx.Rngs(0))),
+                     "vqvae": construct.shape_model(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)))}
+    models = {"var": construct.abstract_model(lambda: VAR(var_cfg, rngs=nnx.Rngs(0))),
+              "vqvae": construct.abstract_model(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)))}
     with ocp.StandardCheckpointer() as ckpt:
-        for name, model in models.items():
+        for name, stored_model in stored_models.items():
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                                  _pure_params(model))
+                                  _pure_params(stored_model))
             try:
                 restored = ckpt.restore(directory / name, target)
             except Exception as err:
                 raise ValueError(f"could not restore {directory / name}: "
                                  f"{type(err).__name__}: {err}") from err
-            _restore_into(model, restored, name)
+            flat = {tuple(int(k) if k.isdigit() else k for k in path): np.asarray(value)
+                    for path, value in _flatten(restored)}
+            if name == "var" and stored_cfg.scan_layers != var_cfg.scan_layers:
+                flat = var_convert.unstack_layers(flat, var_cfg.depth)
+                if var_cfg.scan_layers:
+                    flat = var_convert.stack_layers(flat, var_cfg.depth)
+            _restore_into(models[name], flat, name)
     return Pipeline(models["var"], models["vqvae"])
-
-
-def _abstract(make):
-    """Builds a model without drawing random weights: shapes first, zeros filled in."""
-    abstract = nnx.eval_shape(make)
-    graphdef, state = nnx.split(abstract)
-    state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
-    return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,26 +224,30 @@ def _abstract(make):
 
 def load_official(vae_path, var_path, *, var_config: VARConfig | None = None,
                   attn_backend: str = "exact", attn_options=None, dtype: str = "float32",
-                  param_dtype: str = "float32") -> Pipeline:
+                  param_dtype: str = "float32", scan_layers: bool | None = None,
+                  remat: str | None = None) -> Pipeline:
     """Loads the official ``vae_*.pth`` and ``var_d*.pth`` (or their ``.npz`` exports).
 
     The architectures come from the tensor shapes. ``var_config``, when given, is what the
     caller expects: a checkpoint of another depth, width or schedule is refused with the fields
-    that differ. ``attn_backend`` / ``attn_options`` / ``dtype`` choose how the model runs.
+    that differ. ``attn_backend`` / ``attn_options`` / ``dtype`` choose how the model runs;
+    ``scan_layers`` / ``remat`` its layout (None: ``var_config``'s, else the defaults: scanned).
     """
     var_sd = _read(var_path, "VAR")
     vae_sd = _read(vae_path, "VQ-VAE")
     runtime = dict(attn_backend=attn_backend, attn_options=attn_options or (), dtype=dtype,
                    param_dtype=param_dtype)
+    runtime.update({name: value for name, value in (("scan_layers", scan_layers),
+                                                     ("remat", remat)) if value is not None})
     if var_config is not None:
         var_convert.check_config(var_config, var_sd)
         var_cfg = VARConfig.from_dict({**var_config.to_dict(), **runtime})
     else:
         var_cfg = var_convert.infer_config(var_sd, **runtime)
     vae_cfg = infer_vqvae_config(vae_sd, var_cfg.patch_nums)
-    var_model = _abstract(lambda: VAR(var_cfg, rngs=nnx.Rngs(0)))
+    var_model = construct.abstract_model(lambda: VAR(var_cfg, rngs=nnx.Rngs(0)))
     var_convert.load_var_state_dict(var_model, var_sd)
-    vae_model = _abstract(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)))
+    vae_model = construct.abstract_model(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)))
     vqvae_convert.load_vqvae_state_dict(vae_model, vae_sd)
     return Pipeline(var_model, vae_model)
 

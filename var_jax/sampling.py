@@ -160,7 +160,7 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
         batch = labels_B.shape[0]
         codebook = vae.codebook
         labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, config.num_classes)])
-        cond = var.condition(labels_2B)
+        cond = var.decode_condition(var.condition(labels_2B))  # the blocks' AdaLN, once
         states = var.init_decode_states(2 * batch)
         tokens = var.embed_scale(0, cond)
         f_hat, token_maps = None, []
@@ -210,9 +210,6 @@ class Sampler:
             raise ValueError(f"VAR (cvae {var_cfg.cvae}, vocab {var_cfg.vocab_size}) does not fit "
                              f"the VQ-VAE (z_channels {vae_cfg.z_channels}, vocab "
                              f"{vae_cfg.vocab_size})")
-        if var_cfg.attn_backend == "auto":
-            raise ValueError("attn_backend 'auto' cannot sample: resolve it with attention.plan "
-                             "and set the chosen backend in the config")
         self.config = var_cfg
         self.var_graphdef, self.var_state = nnx.split(var_model)
         self.vae_graphdef, self.vae_state = nnx.split(vqvae_model)

@@ -190,8 +190,19 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
     ``ignore``) and wrong shape (with the torch shape the model needs), and if the rules leave a
     model parameter unset. Nothing is written to the model.
     """
+    return convert_arrays(state_dict, rules, param_paths(model), ignore=ignore, what=what,
+                          owner=type(model).__name__)
+
+
+def convert_arrays(state_dict: Mapping[str, np.ndarray], rules: list[Rule],
+                   shapes: Mapping[Path, tuple[int, ...]], *, ignore: Iterable[str] = (),
+                   what: str = "state dict", owner: str = "the model") -> dict[Path, np.ndarray]:
+    """The strict check of every loader (official state dicts and converted directories alike):
+    ``state_dict`` (name -> array) through ``rules`` onto parameters of the given ``shapes``
+    (path -> shape). Returns ``path -> converted array``; raises ValueError naming every
+    missing, unexpected or mis-shaped entry."""
     ignore = set(ignore)
-    shapes = param_paths(model)
+    shapes = {tuple(path): tuple(shape) for path, shape in shapes.items()}
     problems = []
     rule_keys = {rule.torch_key for rule in rules}
     missing = rule_keys - set(state_dict)
@@ -226,27 +237,40 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
             continue
         out[rule.path] = converted
     if problems:
-        raise ValueError(f"cannot load {what} into {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"cannot load {what} into {owner}: " + "; ".join(problems))
     return out
 
 
-def load_into_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray], rules: list[Rule],
-                    *, ignore: Iterable[str] = (), what: str = "state dict") -> nnx.Module:
-    """Checks (see :func:`convert_state_dict`), then overwrites the model's parameters in place.
-
-    The model's parameter dtypes are kept (a float16 checkpoint loads into a float32 model).
-    """
-    converted = convert_state_dict(model, state_dict, rules, ignore=ignore, what=what)
-    for path, value in converted.items():
+def assign_params(model: nnx.Module, arrays: Mapping[Path, np.ndarray]) -> nnx.Module:
+    """Overwrites the parameters at the given paths in place, keeping the model's dtypes (a
+    float16 checkpoint loads into a float32 model). Call after a strict check."""
+    for path, value in arrays.items():
         param = get_at_path(model, path)
         param.set_value(jnp.asarray(value, dtype=param.dtype))
     return model
 
 
-def export_state_dict(model: nnx.Module, rules: list[Rule]) -> dict[str, np.ndarray]:
-    """The inverse of :func:`load_into_model`: ``torch name -> np.ndarray`` in torch layout."""
+def load_into_model(model: nnx.Module, state_dict: Mapping[str, np.ndarray], rules: list[Rule],
+                    *, ignore: Iterable[str] = (), what: str = "state dict") -> nnx.Module:
+    """Checks (see :func:`convert_state_dict`), then overwrites the model's parameters in place."""
+    return assign_params(model, convert_state_dict(model, state_dict, rules, ignore=ignore,
+                                                   what=what))
+
+
+def param_arrays(model: nnx.Module) -> dict[Path, np.ndarray]:
+    """Every parameter of ``model`` as path -> np.ndarray."""
+    return {tuple(path): np.asarray(var[...])
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def export_state_dict(model: nnx.Module | Mapping[Path, np.ndarray], rules: list[Rule]
+                      ) -> dict[str, np.ndarray]:
+    """The inverse of :func:`load_into_model`: ``torch name -> np.ndarray`` in torch layout,
+    from a model or from its parameters as path -> array."""
+    arrays = model if isinstance(model, Mapping) else None
     out = {}
     for rule in rules:
-        value = np.asarray(get_at_path(model, rule.path)[...])
+        value = (np.asarray(arrays[rule.path]) if arrays is not None
+                 else np.asarray(get_at_path(model, rule.path)[...]))
         out[rule.torch_key] = np.ascontiguousarray(rule.to_torch(value))
     return out

@@ -15,6 +15,7 @@ and shared AdaLN from the shapes, so a checkpoint needs no side file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -121,8 +122,85 @@ def check_state_dict(config, state_dict: Mapping[str, np.ndarray]) -> None:
                          f"{config.patch_nums}): " + "; ".join(problems))
 
 
+# ----------------------------------------------------------------------------------------------
+# The two layouts of the blocks: stacked along a leading layer axis under ("blocks", ...) (the
+# scanned model) or one block per index under ("blocks", i, ...) (the looped model and the
+# official checkpoints). Conversions speak the looped layout; these move between the two.
+
+def _is_looped(path) -> bool:
+    return len(path) > 1 and path[0] == "blocks" and isinstance(path[1], int)
+
+
+def stack_layers(flat: Mapping[tuple, np.ndarray], depth: int) -> dict[tuple, np.ndarray]:
+    """path -> array in the looped layout -> the stacked layout (``depth`` layers)."""
+    out, per_layer = {}, {}
+    for path, value in flat.items():
+        if _is_looped(path):
+            per_layer.setdefault(tuple(path[2:]), {})[path[1]] = value
+        else:
+            out[tuple(path)] = value
+    for rest, layers in per_layer.items():
+        if sorted(layers) != list(range(depth)):
+            raise ValueError(f"blocks.*.{'.'.join(map(str, rest))}: found layers "
+                             f"{sorted(layers)}, expected 0..{depth - 1}")
+        out[("blocks",) + rest] = np.stack([np.asarray(layers[i]) for i in range(depth)])
+    return out
+
+
+def unstack_layers(flat: Mapping[tuple, np.ndarray], depth: int, *,
+                   take=lambda value, i: value[i]) -> dict[tuple, np.ndarray]:
+    """path -> array in the stacked layout -> the looped layout (already looped: unchanged).
+    ``take(value, i)`` picks layer i (default: index the leading axis)."""
+    out = {}
+    for path, value in flat.items():
+        path = tuple(path)
+        if path[0] == "blocks" and not _is_looped(path):
+            for i in range(depth):
+                out[("blocks", i) + path[1:]] = take(value, i)
+        else:
+            out[path] = value
+    return out
+
+
+def _looped_shapes(model) -> dict[tuple, tuple[int, ...]]:
+    """The parameter shapes ``model`` has in the looped layout, whichever layout it has."""
+    return unstack_layers(common.param_paths(model), model.config.depth,
+                          take=lambda shape, _: tuple(shape[1:]))
+
+
+def assign_looped(model, arrays: Mapping[tuple, np.ndarray]):
+    """Writes parameters given in the looped layout into ``model`` (either layout)."""
+    if model.config.scan_layers:
+        arrays = stack_layers(arrays, model.config.depth)
+    return common.assign_params(model, arrays)
+
+
+def looped_params(model) -> dict[tuple, np.ndarray]:
+    """``model``'s parameters as path -> np.ndarray in the looped layout (either layout)."""
+    arrays = common.param_arrays(model)
+    return unstack_layers(arrays, model.config.depth) if model.config.scan_layers else arrays
+
+
+def relayout(model, scan_layers: bool):
+    """The same VAR (same parameters, same function) in the other layout of its blocks."""
+    from flax import nnx
+
+    from var_jax.models import construct
+    from var_jax.models.var import VAR
+
+    config = dataclasses.replace(model.config, scan_layers=bool(scan_layers))
+    if config == model.config:
+        return model
+    other = construct.abstract_model(lambda: VAR(config, rngs=nnx.Rngs(0)))
+    return assign_looped(other, looped_params(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and exporting official state dicts.
+
 def load_var_state_dict(model, state_dict):
-    """Loads an official VAR state dict (a mapping, or a .pth/.npz path) into ``model``.
+    """Loads an official VAR state dict (a mapping, or a .pth/.npz path) into ``model`` (either
+    layout: the scanned model gets every ``blocks.{i}.*`` stacked along its layer axis).
 
     Strict: every missing, unexpected or mis-shaped key is named in the ValueError. Returns model.
     """
@@ -130,15 +208,18 @@ def load_var_state_dict(model, state_dict):
         state_dict = common.load_state_dict_file(state_dict)
     check_state_dict(model.config, state_dict)
     rules = [rule for rule, _ in var_rules(model.config)]
-    return common.load_into_model(model, state_dict, rules, ignore=buffer_keys(model.config.depth),
-                                  what="VAR state dict")
+    converted = common.convert_arrays(state_dict, rules, _looped_shapes(model),
+                                      ignore=buffer_keys(model.config.depth),
+                                      what="VAR state dict", owner="VAR")
+    return assign_looped(model, converted)
 
 
 def var_state_dict(model, *, include_buffers: bool = True) -> dict[str, np.ndarray]:
-    """The model's parameters in the official layout; with the buffers the official VAR needs
-    for ``load_state_dict(strict=True)``."""
+    """The model's parameters in the official layout (either model layout); with the buffers
+    the official VAR needs for ``load_state_dict(strict=True)``."""
     config = model.config
-    out = common.export_state_dict(model, [rule for rule, _ in var_rules(config)])
+    out = common.export_state_dict(looped_params(model),
+                                   [rule for rule, _ in var_rules(config)])
     if include_buffers:
         levels = scales.token_layout(config.patch_nums).level_ids.astype(np.int64)
         out["lvl_1L"] = levels[None]
@@ -172,16 +253,30 @@ def infer_schedule(seq_len: int, num_scales: int) -> tuple[int, ...]:
                      f"(known schedules and their L: {known}); pass patch_nums explicitly")
 
 
+def infer_depth(state_dict: Mapping[str, np.ndarray]) -> int:
+    """The number of blocks: 1 + the last index whose block is (at least half) there.
+
+    A block is counted by how many of its keys are present, not by the largest index seen, so
+    a stray or misspelled ``blocks.9.*`` key beside a depth-2 model leaves the depth at 2 and
+    is reported as the one unexpected key, while a block that lost a key still counts and
+    the key is reported as missing.
+    """
+    per_block: dict[int, int] = {}
+    for key in state_dict:
+        if (m := re.match(r"blocks\.(\d+)\.", key)):
+            per_block[int(m.group(1))] = per_block.get(int(m.group(1)), 0) + 1
+    if not per_block:
+        raise ValueError("cannot infer the VAR configuration: the state dict has no "
+                         "'blocks.{i}.*' keys (is this a VAR state dict?)")
+    full = max(per_block.values())
+    return 1 + max(i for i, count in per_block.items() if 2 * count >= full)
+
+
 def infer_config(state_dict: Mapping[str, np.ndarray], **overrides):
     """A VARConfig read off the shapes of an official state dict (overrides win)."""
     from var_jax.models.var import VARConfig
 
-    blocks = {int(m.group(1)) for key in state_dict
-              if (m := re.match(r"blocks\.(\d+)\.", key))}
-    if not blocks:
-        raise ValueError("cannot infer the VAR configuration: the state dict has no "
-                         "'blocks.{i}.*' keys (is this a VAR state dict?)")
-    depth = max(blocks) + 1
+    depth = infer_depth(state_dict)
     _, _, width = _shape(state_dict, "pos_start", 3)
     _, seq_len, _ = _shape(state_dict, "pos_1LC", 3)
     num_scales, _ = _shape(state_dict, "lvl_embed.weight", 2)

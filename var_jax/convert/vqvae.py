@@ -43,15 +43,16 @@ def vqvae_state_dict(model) -> dict[str, np.ndarray]:
 def vqvae_from_state_dict(config, state_dict):
     """A :class:`VQVAE` built from a state dict (mapping or path) without random initialisation.
 
-    The model is traced abstractly (``nnx.eval_shape``) and every parameter is then set from the
-    checkpoint, which the strict loader guarantees; on CPU this skips compiling one random
+    The model is traced abstractly (``construct.shape_model``) and every parameter is then set
+    from the checkpoint, which the strict loader guarantees; on CPU this skips compiling one random
     initialiser per parameter shape.
     """
     from flax import nnx
 
+    from var_jax.models import construct
     from var_jax.models.vqvae import VQVAE
 
-    model = nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
+    model = construct.shape_model(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
     return load_vqvae_state_dict(model, state_dict)
 
 

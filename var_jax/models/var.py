@@ -19,6 +19,7 @@ teacher-forcing inputs gives the same logits (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +30,10 @@ import numpy as np
 from flax import nnx
 
 from var_jax import attention, scales
+from var_jax.models import construct
 
+# Rematerialisation of the blocks: names of `jax.checkpoint_policies` ("full" = save nothing).
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Gains of the released models' AdaLN gamma rows (README launch commands, `--alng`).
 _RELEASED_ALNG = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -68,6 +72,8 @@ class VARConfig:
     init_head: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)
@@ -93,6 +99,13 @@ class VARConfig:
                              f"{self.attn_backend!r}")
         if not self.max_temperature > 0:
             raise ValueError(f"VARConfig.max_temperature must be > 0, got {self.max_temperature}")
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"VARConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        fix("scan_layers", bool(self.scan_layers))
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"VARConfig.remat must be one of {REMAT_POLICIES}, got "
+                             f"{self.remat!r}")
+        _ = self.attention  # resolves "auto" and checks its options now, not at the first trace
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"VARConfig.{name} must be one of {_DTYPES}, got "
@@ -125,6 +138,17 @@ class VARConfig:
     @property
     def options(self) -> dict:
         return dict(self.attn_options)
+
+    @property
+    def attention(self) -> tuple[str, dict]:
+        """(backend, options) the layers run. "auto" is resolved here by ``attention.plan``
+        with the model's own logit bound: q and k are unit vectors and q carries the clamped
+        temperature, so |q . k| <= ``max_temperature``. Its one option is ``eps`` (target
+        relative error of the attention weights, default 1 / L)."""
+        if self.attn_backend != "auto":
+            return self.attn_backend, self.options
+        return _resolve_auto(self.max_temperature, self.head_dim, self.patch_nums,
+                             self.attn_options)
 
     # Presets.
     @classmethod
@@ -164,6 +188,19 @@ class VARConfig:
         return cls(**fields)
 
 
+@functools.lru_cache(maxsize=64)
+def _resolve_auto(logit_bound: float, head_dim: int, patch_nums: tuple, options: tuple):
+    opts = dict(options)
+    unknown = sorted(set(opts) - {"eps"})
+    if unknown:
+        raise ValueError(f"VARConfig.attn_options for attn_backend 'auto' takes only eps, got "
+                         f"{unknown}")
+    seq_len = scales.token_layout(patch_nums).seq_len
+    chosen = attention.plan(float(logit_bound), head_dim, seq_len,
+                            opts.get("eps", 1.0 / seq_len), patch_nums=patch_nums)
+    return chosen.backend, dict(chosen.options)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure functions.
 
@@ -186,13 +223,17 @@ def modulate(x, scale, shift):
     return x * (1 + scale) + shift
 
 
-def drop_path(x_BxLxC, rate: float, key):
-    """Stochastic depth per sample (timm semantics, survivors scaled by 1 / keep)."""
-    if key is None or rate <= 0:
+def drop_path(x_BxLxC, rate, key):
+    """Stochastic depth per sample (timm semantics, survivors scaled by 1 / keep).
+
+    ``rate`` may be traced (a scanned per-layer value); at rate 0 every sample survives and
+    the output equals the input exactly. ``key`` None (evaluation) switches it off.
+    """
+    if key is None:
         return x_BxLxC
-    keep = 1.0 - rate
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(key, keep, (x_BxLxC.shape[0],) + (1,) * (x_BxLxC.ndim - 1))
-    return x_BxLxC * mask.astype(x_BxLxC.dtype) / keep
+    return x_BxLxC * mask.astype(x_BxLxC.dtype) / keep.astype(x_BxLxC.dtype)
 
 
 def drop_labels(labels_B, rate: float, num_classes: int, key):
@@ -240,13 +281,16 @@ class AdaLinear(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Cosine attention: L2-normalised q, k, clamped learnable per-head temperature on q."""
+    """Cosine attention: L2-normalised q, k, clamped learnable per-head temperature on q.
 
-    def __init__(self, config: VARConfig, layer_index: int, *, rngs: nnx.Rngs):
+    Holds no per-layer constants: the random projection key of favor (``rng``) comes in as an
+    argument, so that one stacked module serves every layer of a scan.
+    """
+
+    def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
         c, h, d = config.width, config.num_heads, config.head_dim
         std, pdt = config.resolved_init_std, jnp.dtype(config.param_dtype)
         self.config = config
-        self.layer_index = layer_index
         self.qkv_kernel = nnx.Param(_normal(rngs, (c, 3, h, d), std, pdt))
         self.q_bias = nnx.Param(jnp.zeros((h, d), pdt))
         self.v_bias = nnx.Param(jnp.zeros((h, d), pdt))
@@ -257,13 +301,10 @@ class SelfAttention(nnx.Module):
                                rngs=rngs)
 
     def temperature(self):
-        """exp(min(scale_mul, log max_temperature)) per head, float32 (H,)."""
+        """exp(min(scale_mul, log max_temperature)) per head, float32 (H,) ((depth, H) when
+        the module is a stack of layers)."""
         log_max = math.log(self.config.max_temperature)
         return jnp.exp(jnp.minimum(self.scale_mul[...].astype(jnp.float32), log_max))
-
-    def attn_rng(self):
-        """The random projection's key (favor): fixed per layer so both forwards agree."""
-        return jax.random.fold_in(jax.random.key(self.config.attn_seed), self.layer_index)
 
     def qkv(self, x_BxLxC):
         dtype = jnp.dtype(self.config.dtype)
@@ -279,25 +320,27 @@ class SelfAttention(nnx.Module):
         b, n = o_BxLxHxD.shape[:2]
         return self.proj(o_BxLxHxD.reshape(b, n, self.config.width))
 
-    def __call__(self, x_BxLxC):
+    def __call__(self, x_BxLxC, rng):
+        backend, options = self.config.attention
         q, k, v = self.qkv(x_BxLxC)
-        o = attention.block_causal_attention(q, k, v, self.config.patch_nums,
-                                             backend=self.config.attn_backend,
-                                             rng=self.attn_rng(), **self.config.options)
+        o = attention.block_causal_attention(q, k, v, self.config.patch_nums, backend=backend,
+                                             rng=rng, **options)
         return self._out(o)
 
-    def init_decode_state(self, batch: int):
-        return attention.init_decode_state(
-            self.config.attn_backend, batch, self.config.num_heads, self.config.head_dim,
-            self.config.patch_nums, dtype=jnp.dtype(self.config.dtype), rng=self.attn_rng(),
-            **self.config.options)
-
     def decode(self, x_BxlxC, state, scale_index: int):
+        backend, options = self.config.attention
         q, k, v = self.qkv(x_BxlxC)
-        o, state = attention.decode_scale(state, q, k, v, scale_index,
-                                          backend=self.config.attn_backend,
-                                          **self.config.options)
+        o, state = attention.decode_scale(state, q, k, v, scale_index, backend=backend,
+                                          **options)
         return self._out(o), state
+
+
+def init_attention_state(config: VARConfig, batch: int, rng) -> attention.DecodeState:
+    """One layer's empty decode state (KV cache or low-rank sums) for the resolved backend."""
+    backend, options = config.attention
+    return attention.init_decode_state(backend, batch, config.num_heads, config.head_dim,
+                                       config.patch_nums, dtype=jnp.dtype(config.dtype),
+                                       rng=rng, **options)
 
 
 class FFN(nnx.Module):
@@ -314,13 +357,16 @@ class FFN(nnx.Module):
 
 
 class AdaLNSelfAttn(nnx.Module):
-    """x += g1 * Attn(LN(x)(1+s1)+b1); x += g2 * FFN(LN(x)(1+s2)+b2), with drop-path."""
+    """x += g1 * Attn(LN(x)(1+s1)+b1); x += g2 * FFN(LN(x)(1+s2)+b2), with drop-path.
 
-    def __init__(self, config: VARConfig, layer_index: int, *, rngs: nnx.Rngs):
+    What differs between layers besides the weights (the drop-path rate, the attention's
+    random key, the drop-path key) arrives as a :class:`LayerInputs`, so the same code runs as
+    one scanned body over stacked weights or as a Python loop over separate blocks.
+    """
+
+    def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.drop_path_rate = float(
-            np.linspace(0, config.drop_path_rate, config.depth)[layer_index])
-        self.attn = SelfAttention(config, layer_index, rngs=rngs)
+        self.attn = SelfAttention(config, rngs=rngs)
         self.ffn = FFN(config, rngs=rngs)
         aln, alng = config.init_aln, config.init_alng
         gains = (alng, alng, aln, aln, aln, aln)
@@ -339,24 +385,27 @@ class AdaLNSelfAttn(nnx.Module):
             return cond.astype(dtype) + self.ada_gss[...].astype(dtype)
         return self.ada_lin(cond, dtype)
 
-    def _residuals(self, x, ada, attend, drop_keys):
-        g1, g2, s1, s2, b1, b2 = (ada[:, None, i] for i in range(6))
+    def _residuals(self, x, ada_Bx6xC, attend, drop_rate, drop_key):
+        g1, g2, s1, s2, b1, b2 = (ada_Bx6xC[:, None, i] for i in range(6))
         eps = self.config.norm_eps
+        keys = (None, None) if drop_key is None else tuple(jax.random.split(drop_key))
         h, extra = attend(modulate(layer_norm(x, eps), s1, b1))
-        x = x + drop_path(h * g1, self.drop_path_rate, drop_keys[0])
+        x = x + drop_path(h * g1, drop_rate, keys[0])
         h = self.ffn(modulate(layer_norm(x, eps), s2, b2))
-        x = x + drop_path(h * g2, self.drop_path_rate, drop_keys[1])
+        x = x + drop_path(h * g2, drop_rate, keys[1])
         return x, extra
 
-    def __call__(self, x_BxLxC, cond, *, drop_key=None):
-        keys = (None, None) if drop_key is None else tuple(jax.random.split(drop_key))
+    def __call__(self, x_BxLxC, cond, layer: LayerInputs):
         x, _ = self._residuals(x_BxLxC, self.modulation(cond),
-                               lambda h: (self.attn(h), None), keys)
+                               lambda h: (self.attn(h, layer.attn_rng), None),
+                               layer.drop_rate, layer.drop_key)
         return x
 
-    def decode(self, x_BxlxC, cond, state, scale_index: int):
-        return self._residuals(x_BxlxC, self.modulation(cond),
-                               lambda h: self.attn.decode(h, state, scale_index), (None, None))
+    def decode(self, x_BxlxC, ada_Bx6xC, state, scale_index: int):
+        """One scale on the decode state, given this block's modulation (see ``modulation``:
+        the condition is the same at every scale, so the sampler computes it once)."""
+        return self._residuals(x_BxlxC, ada_Bx6xC,
+                               lambda h: self.attn.decode(h, state, scale_index), 0.0, None)
 
 
 class AdaLNBeforeHead(nnx.Module):
@@ -372,8 +421,80 @@ class AdaLNBeforeHead(nnx.Module):
                         ada[:, None, 1])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What each layer gets besides its weights, stacked along a leading layer axis."""
+
+    drop_rate: jax.Array          # (depth,) float32 drop-path rate, linear from 0
+    attn_rng: jax.Array           # (depth,) keys of the attention's random features (favor)
+    drop_key: jax.Array | None    # (depth,) drop-path keys; None when deterministic
+
+    def layer(self, i: int) -> LayerInputs:
+        return jax.tree.map(lambda a: a[i], self)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCondition:
+    """The class condition of a sampling run, computed once for all scales: ``cond`` (B, C)
+    for the head and the start token, ``ada`` (depth, B, 6, C) every block's modulation."""
+
+    cond: jax.Array
+    ada: jax.Array
+
+
+def _checkpointed(fn, policy_name: str):
+    """``fn`` under ``jax.checkpoint`` with the named ``jax.checkpoint_policies`` policy ("full":
+    save nothing, recompute everything in the backward pass); "none" leaves it alone."""
+    if policy_name == "none":
+        return fn
+    policy = None if policy_name == "full" else getattr(jax.checkpoint_policies, policy_name)
+    return jax.checkpoint(fn, policy=policy)
+
+
+def scan_blocks(fn, carry, blocks, xs, remat: str = "none"):
+    """``fn(block, carry, x) -> (carry, y)`` over stacked blocks with ``jax.lax.scan``.
+
+    The blocks' parameters are split once into (graph, stacked arrays); each step merges one
+    layer's slice into a module. Why not ``nnx.scan``: split / merge is a pure function of
+    arrays, so the model also works when it is closed over by ``jax.jit`` / ``jax.grad``
+    (``nnx.scan`` refuses modules from another trace level). The blocks hold no state that a
+    forward pass changes, so nothing has to be written back.
+    """
+    graphdef, params = nnx.split(blocks)
+
+    def body(carry, inputs):
+        layer_params, x = inputs
+        return fn(nnx.merge(graphdef, layer_params), carry, x)
+
+    return jax.lax.scan(_checkpointed(body, remat), carry, (params, xs))
+
+
+def loop_blocks(fn, carry, blocks, xs, remat: str = "none"):
+    """The same as :func:`scan_blocks` over a list of blocks, as a Python loop (ys stacked)."""
+    def step(layer_params, carry, x, *, graphdef):
+        return fn(nnx.merge(graphdef, layer_params), carry, x)
+
+    ys = []
+    for i, block in enumerate(blocks):
+        graphdef, params = nnx.split(block)
+        layer_step = _checkpointed(functools.partial(step, graphdef=graphdef), remat)
+        carry, y = layer_step(params, carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        ys.append(y)
+    return carry, (None if all(y is None for y in ys)
+                   else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
 class VAR(nnx.Module):
-    """The VAR transformer. ``__call__`` is teacher forcing; the decode methods serve sampling."""
+    """The VAR transformer. ``__call__`` is teacher forcing; the decode methods serve sampling.
+
+    ``blocks`` is one :class:`AdaLNSelfAttn` whose parameters have a leading layer axis
+    (``config.scan_layers``, the default: made with ``nnx.vmap``, applied with one scan
+    (:func:`scan_blocks`), so the compiled program holds one block whatever the depth), or an
+    ``nnx.List`` of ``depth`` blocks applied in a Python loop (for comparison and debugging). Both compute the same
+    function; ``convert.var.relayout`` moves parameters between the two.
+    """
 
     def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -392,8 +513,16 @@ class VAR(nnx.Module):
                                    embedding_init=normal, rngs=rngs)
         if config.shared_aln:
             self.shared_ada_lin = AdaLinear(c, 6, (1.0,) * 6, std, param_dtype=pdt, rngs=rngs)
-        self.blocks = nnx.List([AdaLNSelfAttn(config, i, rngs=rngs)
-                                for i in range(config.depth)])
+        if config.scan_layers:
+            @nnx.split_rngs(splits=config.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(layer_rngs):
+                return AdaLNSelfAttn(config, rngs=layer_rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([AdaLNSelfAttn(config, rngs=rngs)
+                                    for _ in range(config.depth)])
         self.head_nm = AdaLNBeforeHead(config, rngs=rngs)
         self.head = nnx.Linear(c, config.vocab_size, dtype=dt, param_dtype=pdt,
                                kernel_init=nnx.initializers.normal(std * config.init_head),
@@ -410,6 +539,16 @@ class VAR(nnx.Module):
             return self.shared_ada_lin(cond_BxC, jnp.dtype(self.config.dtype))
         return cond_BxC
 
+    def layer_inputs(self, drop_key=None) -> LayerInputs:
+        """Per-layer drop-path rates, favor keys (fixed per layer, so both forwards agree) and
+        drop-path keys (split from ``drop_key``; None when deterministic)."""
+        cfg = self.config
+        rates = jnp.asarray(np.linspace(0, cfg.drop_path_rate, cfg.depth), jnp.float32)
+        base = jax.random.key(cfg.attn_seed)
+        attn_rngs = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(cfg.depth))
+        keys = None if drop_key is None else jax.random.split(drop_key, cfg.depth)
+        return LayerInputs(rates, attn_rngs, keys)
+
     def _level_pos(self, begin: int, end: int):
         level_ids = scales.token_layout(self.config.patch_nums).level_ids
         lvl = self.lvl_embed(jnp.asarray(level_ids[begin:end]))
@@ -417,6 +556,8 @@ class VAR(nnx.Module):
 
     def embed_scale(self, scale_index: int, cond_BxC, x_BxlxCvae=None):
         """Input tokens of one scale: the start token at scale 0, word_embed(x) after."""
+        if isinstance(cond_BxC, DecodeCondition):
+            cond_BxC = cond_BxC.cond
         begin, end = self.begin_ends[scale_index]
         if scale_index == 0:
             tokens = cond_BxC[:, None] + self.pos_start[...].astype(cond_BxC.dtype)
@@ -446,40 +587,75 @@ class VAR(nnx.Module):
         if labels_B.shape != (x_BxLm1xCvae.shape[0],):
             raise ValueError(f"labels_B must have shape ({x_BxLm1xCvae.shape[0]},), got "
                              f"{labels_B.shape}")
-        drop_keys = [None] * cfg.depth
+        drop_key = None
         if not deterministic:
             if rngs is None:
                 raise ValueError("VAR.__call__(deterministic=False) needs rngs (a key or an "
                                  "nnx.Rngs) for label dropout and drop-path")
             key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
-            label_key, *drop_keys = jax.random.split(key, cfg.depth + 1)
+            label_key, drop_key = jax.random.split(key)
             if cfg.cond_drop_rate > 0:
                 labels_B = drop_labels(labels_B, cfg.cond_drop_rate, cfg.num_classes, label_key)
         cond = self.condition(labels_B)
         first = cond[:, None] + self.pos_start[...].astype(cond.dtype)
         x = jnp.concatenate([first, self.word_embed(x_BxLm1xCvae).astype(first.dtype)], axis=1)
         x = x + self._level_pos(0, cfg.seq_len)
-        block_cond = self.block_condition(cond)
-        for block, drop_key in zip(self.blocks, drop_keys, strict=True):
-            x = block(x, block_cond, drop_key=drop_key)
+        x = self._apply_blocks(x, self.block_condition(cond), self.layer_inputs(drop_key))
         return self.logits(x, cond)
+
+    def _apply_blocks(self, x_BxLxC, block_cond, layers: LayerInputs):
+        def step(block, x, layer):
+            return block(x, block_cond, layer), None
+
+        over_layers = scan_blocks if self.config.scan_layers else loop_blocks
+        return over_layers(step, x_BxLxC, self.blocks, layers, self.config.remat)[0]
 
     # -- sampling path ----------------------------------------------------------------------
     def init_decode_states(self, batch: int):
-        """One attention decode state per block (KV cache or low-rank running sums)."""
-        return [block.attn.init_decode_state(batch) for block in self.blocks]
+        """Every layer's attention decode state (KV cache or low-rank running sums): one state
+        with a leading layer axis (scanned layout) or a list of ``depth`` states (looped)."""
+        rngs = self.layer_inputs().attn_rng
+        if self.config.scan_layers:
+            return jax.vmap(lambda rng: init_attention_state(self.config, batch, rng))(rngs)
+        return [init_attention_state(self.config, batch, rngs[i])
+                for i in range(self.config.depth)]
 
-    def decode_scale(self, tokens_BxlxC, cond_BxC, states, scale_index: int):
-        """One scale through every block on the decode states -> (logits (B, l, V), states)."""
+    def decode_condition(self, cond_BxC) -> DecodeCondition:
+        """The per-block modulations of a sampling run, computed once instead of per scale."""
+        if isinstance(cond_BxC, DecodeCondition):
+            return cond_BxC
         block_cond = self.block_condition(cond_BxC)
-        x, new_states = tokens_BxlxC, []
-        for block, state in zip(self.blocks, states, strict=True):
-            x, state = block.decode(x, block_cond, state, scale_index)
-            new_states.append(state)
-        return self.logits(x, cond_BxC), new_states
+        over_layers = scan_blocks if self.config.scan_layers else loop_blocks
+        _, ada = over_layers(lambda block, carry, _: (carry, block.modulation(block_cond)),
+                             None, self.blocks, jnp.arange(self.config.depth))
+        return DecodeCondition(cond_BxC, ada)
+
+    def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int):
+        """One scale through every block on the decode states -> (logits (B, l, V), states).
+
+        ``condition``: a :class:`DecodeCondition` (``decode_condition(cond)``, computed once per
+        sampling run) or the raw cond (B, C).
+        """
+        condition = self.decode_condition(condition)
+
+        def step(block, x, inputs):
+            ada, state = inputs
+            return block.decode(x, ada, state, scale_index)
+
+        if self.config.scan_layers:
+            x, states = scan_blocks(step, tokens_BxlxC, self.blocks, (condition.ada, states))
+        else:  # a list of per-layer states in, a list out
+            x, new_states = tokens_BxlxC, []
+            for i, (block, state) in enumerate(zip(self.blocks, states, strict=True)):
+                x, state = step(block, x, (condition.ada[i], state))
+                new_states.append(state)
+            states = new_states
+        return self.logits(x, condition.cond), states
 
     def logit_bounds(self):
         """Per layer, the largest attention logit possible: max over heads of the temperature."""
+        if self.config.scan_layers:
+            return jnp.max(self.blocks.attn.temperature(), axis=-1)
         return jnp.stack([jnp.max(block.attn.temperature()) for block in self.blocks])
 
 
@@ -487,9 +663,8 @@ class VAR(nnx.Module):
 # Helpers for training and analysis.
 
 def count_params(config: VARConfig) -> int:
-    """Parameter count from shapes only (nnx.eval_shape: nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: VAR(config, rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    """Parameter count from shapes only (nothing is allocated)."""
+    return construct.param_count(lambda: VAR(config, rngs=nnx.Rngs(0)))
 
 
 _NO_DECAY_NAMES = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")

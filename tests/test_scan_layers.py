@@ -1,0 +1,180 @@
+"""The two layouts of the VAR blocks compute the same function: stacked + ``nnx.scan`` (the
+default) and a Python loop over separate blocks; checkpoints move between them losslessly."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax import pretrained, sampling
+from var_jax.convert import var as var_convert
+from var_jax.models import construct
+from var_jax.models.var import VAR, VARConfig
+from var_jax.models.vqvae import VQVAE, VQVAEConfig
+
+PATCH_NUMS = (1, 2, 3)
+LOOPED = VARConfig.tiny(depth=3, width=32, patch_nums=PATCH_NUMS, vocab_size=16, cvae=4,
+                        num_classes=5, drop_path_rate=0.2, scan_layers=False)
+# "auto" on a model where `plan` certifies poly: logits <= 0.1, head dim 4, L = 66.
+AUTO_POLY = dict(attn_backend="auto", num_heads=8, patch_nums=(1, 2, 3, 4, 6),
+                 max_temperature=0.1)
+BACKENDS = [("exact", {}), ("flash", {}), ("poly", {"degree": 2}),
+            ("favor", {"num_features": 16}), ("auto", AUTO_POLY)]
+
+
+def _looped_model(config, seed=0):
+    """Random weights drawn in numpy on the looped layout (kernels ~ N(0, 1/fan_in), the rest
+    ~ N(0, 0.3^2): AdaLN gains far from 0, so every block mixes tokens)."""
+    graphdef, state = nnx.split(construct.shape_model(lambda: VAR(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.3
+        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def _pair(**changes):
+    looped = _looped_model(dataclasses.replace(LOOPED, **changes))
+    scanned = var_convert.relayout(looped, scan_layers=True)
+    assert scanned.config.scan_layers and not looped.config.scan_layers
+    return looped, scanned
+
+
+def _inputs(config, batch=2):
+    x = jax.random.normal(jax.random.key(0), (batch, config.seq_len - 1, config.cvae))
+    return jnp.arange(batch) % config.num_classes, x
+
+
+@nnx.jit
+def _loss_and_grads(model, labels, x, key):
+    def loss(model):
+        logits = model(labels, x, deterministic=False, rngs=key)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+    return nnx.value_and_grad(loss)(model)
+
+
+def _looped_grads(grads, depth):
+    flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+    return var_convert.unstack_layers(flat, depth)
+
+
+@pytest.mark.parametrize("backend,options", BACKENDS, ids=[b for b, _ in BACKENDS])
+def test_scanned_equals_looped(backend, options):
+    changes = (dict(options) if backend == "auto"
+               else dict(attn_backend=backend, attn_options=options))
+    looped, scanned = _pair(cond_drop_rate=0.3, **changes)
+    labels, x = _inputs(looped.config)
+    tf_looped = nnx.jit(lambda m: m(labels, x))(looped)
+    tf_scanned = nnx.jit(lambda m: m(labels, x))(scanned)
+    np.testing.assert_allclose(tf_scanned, tf_looped, rtol=1e-5, atol=1e-6)
+    # A training step's gradients, with label dropout and drop-path on (same key).
+    key = jax.random.key(7)
+    loss_l, grads_l = _loss_and_grads(looped, labels, x, key)
+    loss_s, grads_s = _loss_and_grads(scanned, labels, x, key)
+    np.testing.assert_allclose(loss_s, loss_l, rtol=1e-6)
+    flat_l = _looped_grads(grads_l, LOOPED.depth)
+    flat_s = _looped_grads(grads_s, LOOPED.depth)
+    assert flat_l.keys() == flat_s.keys()
+    for path in flat_l:
+        np.testing.assert_allclose(flat_s[path], flat_l[path], rtol=1e-4, atol=1e-6,
+                                   err_msg=str(path))
+    if backend == "auto":
+        assert scanned.config.attention[0] == "poly"
+
+
+def test_drop_path_really_acts_per_layer():
+    looped, scanned = _pair(drop_path_rate=0.9, cond_drop_rate=0.0)
+    labels, x = _inputs(looped.config)
+    outs = [nnx.jit(lambda m, k: m(labels, x, deterministic=False, rngs=k))(scanned,
+                                                                           jax.random.key(s))
+            for s in range(3)]
+    assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
+    np.testing.assert_allclose(scanned.layer_inputs().drop_rate, [0.0, 0.45, 0.9], rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_changes_memory_not_the_function(remat):
+    _, scanned = _pair()
+    rematted = var_convert.relayout(scanned, scan_layers=False)
+    rematted = var_convert.relayout(
+        _with_config(rematted, dataclasses.replace(rematted.config, remat=remat)), True)
+    labels, x = _inputs(scanned.config)
+    key = jax.random.key(3)
+    _, grads = _loss_and_grads(scanned, labels, x, key)
+    _, grads_remat = _loss_and_grads(rematted, labels, x, key)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def _with_config(model, config):
+    out = construct.abstract_model(lambda: VAR(config, rngs=nnx.Rngs(0)))
+    return var_convert.assign_looped(out, var_convert.looped_params(model))
+
+
+def test_sampler_gives_the_same_tokens_in_both_layouts():
+    vae_cfg = VQVAEConfig.tiny(image_size=12, patch_nums=PATCH_NUMS, vocab_size=16,
+                               z_channels=4, use_attn=False, use_mid_attn=False)
+    vae = VQVAE(vae_cfg, rngs=nnx.Rngs(1))
+    for backend, options in (("exact", {}), ("favor", {"num_features": 16}),
+                             ("poly", {"degree": 2})):
+        looped, scanned = _pair(attn_backend=backend, attn_options=options)
+        labels = jnp.array([0, 3, 4])
+        maps_l, images_l = sampling.sample(looped, vae, labels, key=5, cfg=2.0, top_k=8)
+        maps_s, images_s = sampling.sample(scanned, vae, labels, key=5, cfg=2.0, top_k=8)
+        for a, b in zip(maps_l, maps_s, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(images_s, images_l, atol=1e-5)
+        assert len({int(t) for m in maps_s[1:] for t in np.ravel(m)}) > 1, backend
+
+
+def test_state_dict_round_trip_and_converted_layouts(tmp_path):
+    looped, scanned = _pair()
+    sd = var_convert.var_state_dict(looped)
+    for model in (looped, scanned):
+        exported = var_convert.var_state_dict(model)
+        assert exported.keys() == sd.keys()
+        for key in sd:
+            np.testing.assert_array_equal(exported[key], sd[key], err_msg=key)
+    # Loading the official layout into a fresh scanned model stacks it exactly.
+    fresh = construct.abstract_model(lambda: VAR(scanned.config, rngs=nnx.Rngs(0)))
+    var_convert.load_var_state_dict(fresh, sd)
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh, nnx.Param)),
+                    jax.tree.leaves(nnx.state(scanned, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A converted directory records its layout and loads into either.
+    vae = VQVAE(VQVAEConfig.tiny(image_size=12, patch_nums=PATCH_NUMS, vocab_size=16,
+                                 z_channels=4, use_attn=False, use_mid_attn=False),
+                rngs=nnx.Rngs(1))
+    path = pretrained.Pipeline(scanned, vae).save(tmp_path / "scanned")
+    assert json.loads((path / "config.json").read_text())["var"]["scan_layers"] is True
+    for layout in (None, False, True):
+        again = pretrained.load_converted(path, scan_layers=layout)
+        assert again.var.config.scan_layers is (True if layout is None else layout)
+        back = var_convert.var_state_dict(again.var)
+        for key in sd:
+            np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+    # A directory written before the layout was recorded holds the looped layout.
+    old = pretrained.Pipeline(looped, vae).save(tmp_path / "old")
+    meta = json.loads((old / "config.json").read_text())
+    del meta["var"]["scan_layers"], meta["var"]["remat"]
+    (old / "config.json").write_text(json.dumps(meta))
+    again = pretrained.load_converted(old)
+    assert again.var.config.scan_layers is False
+    again = pretrained.load_converted(old, scan_layers=True)
+    np.testing.assert_array_equal(var_convert.var_state_dict(again.var)["head.weight"],
+                                  sd["head.weight"])
+
+
+def test_bad_layout_fields_fail_early():
+    with pytest.raises(ValueError, match="remat"):
+        dataclasses.replace(LOOPED, remat="some")
+    with pytest.raises(ValueError, match="scan_layers"):
+        dataclasses.replace(LOOPED, scan_layers="yes")
+    with pytest.raises(ValueError, match="eps"):
+        dataclasses.replace(LOOPED, attn_backend="auto", attn_options={"degree": 2})
