@@ -492,8 +492,8 @@ class VAR(nnx.Module):
     ``blocks`` is one :class:`AdaLNSelfAttn` whose parameters have a leading layer axis
     (``config.scan_layers``, the default: made with ``nnx.vmap``, applied with one scan
     (:func:`scan_blocks`), so the compiled program holds one block whatever the depth), or an
-    ``nnx.List`` of ``depth`` blocks applied in a Python loop (for comparison and debugging). Both compute the same
-    function; ``convert.var.relayout`` moves parameters between the two.
+    ``nnx.List`` of ``depth`` blocks applied in a Python loop (for comparison and debugging).
+    Both compute the same function; ``convert.var.relayout`` moves parameters between them.
     """
 
     def __init__(self, config: VARConfig, *, rngs: nnx.Rngs):
