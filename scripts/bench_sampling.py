@@ -8,6 +8,11 @@ in seconds on a GPU), in --dtype for parameters and activations.
 
   python scripts/bench_sampling.py                                  # d16, bf16, batch 1 and 64
   python scripts/bench_sampling.py --depth=2 --vae=tiny256 --batch_sizes=1,4 --dtype=float32
+  python scripts/bench_sampling.py --depth=16 --vae=tiny256 --batch_sizes=1 --dtype=float32 \
+      --scan_layers=false --compilation_cache=false     # compile time of the looped layout
+
+"compile" is the first call minus the median steady call. ``--parts`` also times the VQ-VAE
+decoder alone on a final feature map, so the transformer's share is the difference.
 
 Reference (official PyTorch, H100, bf16 autocast, d16, cfg 1.5, top-k 900, top-p 0.96):
 212 ms at batch 1, 538 ms (119 images/s) at batch 64.
@@ -16,26 +21,18 @@ Reference (official PyTorch, H100, bf16 autocast, d16, cfg 1.5, top-k 900, top-p
 from __future__ import annotations
 
 import json
-import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
 
-try:
-    import var_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from flax import nnx  # noqa: E402
-
-from var_jax import sampling, scales  # noqa: E402
-from var_jax.models.var import VAR, VARConfig  # noqa: E402
-from var_jax.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from var_jax import attention, compile_cache, sampling, scales
+from var_jax.models.var import VAR, VARConfig
+from var_jax.models.vqvae import VQVAE, VQVAEConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("depth", 16, "VAR depth (width 64 * depth, heads = depth).")
@@ -43,8 +40,11 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameters and 
 flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes (images per call).")
 flags.DEFINE_integer("repeats", 10, "Timed calls per batch size (median reported).")
 flags.DEFINE_enum("vae", "released", ["released", "tiny256"], "VQ-VAE size (random weights).")
-flags.DEFINE_enum("attn_backend", "exact", ["exact", "flash", "poly", "favor"],
+flags.DEFINE_enum("attn_backend", "exact", list(attention.BACKENDS),
                   "Attention backend of the decode state.")
+flags.DEFINE_bool("scan_layers", True, "Stacked blocks under one scan (False: Python loop).")
+flags.DEFINE_bool("parts", False, "Also time the VQ-VAE decoder alone.")
+compile_cache.define_flag()
 flags.DEFINE_float("cfg", 1.5, "Guidance scale.")
 flags.DEFINE_integer("top_k", 900, "Top-k (0 = off).")
 flags.DEFINE_float("top_p", 0.96, "Top-p (0 = off).")
@@ -52,10 +52,10 @@ flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax mixing.")
 flags.DEFINE_string("schedule", "256", "Key of scales.SCHEDULES.")
 
 
-def build(depth, dtype, vae_kind, backend, schedule):
+def build(depth, dtype, vae_kind, backend, schedule, scan_layers=True):
     patch_nums = scales.SCHEDULES[schedule]
     var_cfg = VARConfig.official(depth, patch_nums=patch_nums, dtype=dtype, param_dtype=dtype,
-                                 attn_backend=backend)
+                                 attn_backend=backend, scan_layers=scan_layers)
     vae_cfg = (VQVAEConfig.released(patch_nums) if vae_kind == "released"
                else VQVAEConfig.tiny256(patch_nums=patch_nums,
                                         image_size=16 * patch_nums[-1]))
@@ -70,14 +70,33 @@ def build(depth, dtype, vae_kind, backend, schedule):
     return var, vae
 
 
+def time_decoder(vae, batch, repeats):
+    """Median seconds of the VQ-VAE decoder alone on a (B, n, n, Cvae) feature map."""
+    graphdef, state = nnx.split(vae)
+    decode = jax.jit(lambda st, f: nnx.merge(graphdef, st).decode_features(f))
+    side, channels = vae.config.patch_nums[-1], vae.config.z_channels
+    f_hat = jax.random.normal(jax.random.key(0), (batch, side, side, channels), jnp.float32)
+    jax.block_until_ready(decode(state, f_hat))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(decode(state, f_hat))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv):
     del argv
-    var, vae = build(FLAGS.depth, FLAGS.dtype, FLAGS.vae, FLAGS.attn_backend, FLAGS.schedule)
+    cache = compile_cache.enable(FLAGS.compilation_cache)
+    var, vae = build(FLAGS.depth, FLAGS.dtype, FLAGS.vae, FLAGS.attn_backend, FLAGS.schedule,
+                     FLAGS.scan_layers)
     sampler = sampling.Sampler(var, vae)
     num_classes = var.config.num_classes
+    layout = "scanned" if FLAGS.scan_layers else "looped"
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, python "
-          f"{platform.python_version()}; VAR d{FLAGS.depth} {FLAGS.dtype}, "
-          f"{FLAGS.attn_backend} attention, VQ-VAE {FLAGS.vae}", flush=True)
+          f"{platform.python_version()}; VAR d{FLAGS.depth} {FLAGS.dtype} ({layout} blocks), "
+          f"{FLAGS.attn_backend} attention, VQ-VAE {FLAGS.vae}; compilation cache "
+          f"{cache or 'off'}", flush=True)
     results = []
     for batch in [int(b) for b in FLAGS.batch_sizes]:
         labels = jnp.arange(batch) % num_classes
@@ -95,11 +114,20 @@ def main(argv):
         median = statistics.median(times)
         row = dict(batch=batch, median_ms=round(1e3 * median, 2),
                    min_ms=round(1e3 * min(times), 2), images_per_s=round(batch / median, 1),
-                   first_call_s=round(compile_s, 1), depth=FLAGS.depth, dtype=FLAGS.dtype,
-                   backend=FLAGS.attn_backend, device=jax.devices()[0].device_kind)
+                   first_call_s=round(compile_s, 2), compile_s=round(compile_s - median, 2),
+                   depth=FLAGS.depth, dtype=FLAGS.dtype, backend=FLAGS.attn_backend,
+                   layout=layout, device=jax.devices()[0].device_kind)
+        extra = ""
+        if FLAGS.parts:
+            decoder_s = time_decoder(vae, batch, FLAGS.repeats)
+            row["decoder_ms"] = round(1e3 * decoder_s, 2)
+            row["transformer_ms"] = round(1e3 * (median - decoder_s), 2)
+            extra = (f"; decoder {row['decoder_ms']:.1f} ms, rest (transformer, quantizer) "
+                     f"{row['transformer_ms']:.1f} ms")
         results.append(row)
         print(f"batch {batch:4d}: median {row['median_ms']:9.2f} ms  (min {row['min_ms']:.2f}), "
-              f"{row['images_per_s']:8.1f} images/s, first call {compile_s:.1f} s", flush=True)
+              f"{row['images_per_s']:8.1f} images/s, first call {compile_s:.1f} s, compile "
+              f"{row['compile_s']:.1f} s{extra}", flush=True)
     print(json.dumps(results))
 
 

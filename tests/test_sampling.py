@@ -72,6 +72,27 @@ def test_filter_matches_official_rule(top_k, top_p):
         assert kept[0, 0, :6].all()
 
 
+def test_filter_at_the_released_sizes():
+    """V = 4096, top-k 900, top-p 0.96 (the released defaults) and a top-p tiny enough that
+    only the largest token survives."""
+    logits = np.asarray(jax.random.normal(jax.random.key(1), (6, 4096))) * 3.0
+    for top_k, top_p in ((900, 0.96), (0, 1e-6), (4096, 0.5)):
+        got = sampling.filter_top_k_top_p(jnp.asarray(logits, jnp.float32), top_k, top_p)
+        want = _reference_filter(logits.astype(np.float32), top_k, top_p)
+        np.testing.assert_array_equal(np.isinf(np.asarray(got)), np.isinf(want))
+    assert np.all(np.sum(~np.isinf(np.asarray(got)), -1) > 1)
+
+
+def test_sample_categorical_draws_the_softmax_distribution():
+    probs = np.array([0.1, 0.0, 0.3, 0.6, 0.0])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None].repeat(40_000, 0)
+    draws = np.asarray(jax.jit(sampling.sample_categorical)(jax.random.key(2), logits))
+    freq = np.bincount(draws, minlength=5) / draws.size
+    assert freq[1] == 0 and freq[4] == 0  # zero-mass (filtered) entries are never drawn
+    # Within 5 standard errors of each probability.
+    np.testing.assert_allclose(freq, probs, atol=5 * np.sqrt(0.25 / draws.size))
+
+
 def test_filter_rejects_top_k_above_vocabulary():
     with pytest.raises(ValueError, match="top_k"):
         sampling.filter_top_k_top_p(jnp.zeros((2, 8)), 9)
