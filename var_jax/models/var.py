@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax import attention, scales
+from var_jax import attention, checks, scales
 from var_jax.models import construct
 
 # Rematerialisation of the blocks: names of `jax.checkpoint_policies` ("full" = save nothing).
@@ -77,13 +77,12 @@ class VARConfig:
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)
-        if isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer)) \
-                or self.depth < 1:
-            raise ValueError(f"VARConfig.depth must be a positive int, got {self.depth!r}")
-        fix("depth", int(self.depth))
-        fix("width", int(self.width) if self.width is not None else 64 * self.depth)
-        fix("num_heads", int(self.num_heads) if self.num_heads is not None else self.depth)
-        if self.width <= 0 or self.width % self.num_heads:
+        fix("depth", checks.positive_int("VARConfig.depth", self.depth))
+        fix("width", checks.positive_int("VARConfig.width", self.width)
+            if self.width is not None else 64 * self.depth)
+        fix("num_heads", checks.positive_int("VARConfig.num_heads", self.num_heads)
+            if self.num_heads is not None else self.depth)
+        if self.width % self.num_heads:
             raise ValueError(f"VARConfig.width must be a positive multiple of num_heads "
                              f"({self.num_heads}), got {self.width}")
         fix("patch_nums", scales.validate_schedule(self.patch_nums))
@@ -97,8 +96,7 @@ class VARConfig:
         if self.attn_backend not in attention_backends:
             raise ValueError(f"VARConfig.attn_backend must be one of {attention_backends}, got "
                              f"{self.attn_backend!r}")
-        if not self.max_temperature > 0:
-            raise ValueError(f"VARConfig.max_temperature must be > 0, got {self.max_temperature}")
+        checks.positive_number("VARConfig.max_temperature", self.max_temperature)
         if not isinstance(self.scan_layers, (bool, np.bool_)):
             raise ValueError(f"VARConfig.scan_layers must be a bool, got {self.scan_layers!r}")
         fix("scan_layers", bool(self.scan_layers))
@@ -111,8 +109,7 @@ class VARConfig:
                 raise ValueError(f"VARConfig.{name} must be one of {_DTYPES}, got "
                                  f"{getattr(self, name)!r}")
         for name in ("vocab_size", "cvae", "num_classes"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"VARConfig.{name} must be >= 1, got {getattr(self, name)}")
+            fix(name, checks.positive_int(f"VARConfig.{name}", getattr(self, name)))
 
     # Derived sizes.
     @property
