@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax import attention, checks, scales
-from var_jax.models import construct
+from var_jax.models import construct, decay
 
 # Rematerialisation of the blocks: names of `jax.checkpoint_policies` ("full" = save nothing).
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -664,44 +664,6 @@ def count_params(config: VARConfig) -> int:
     return construct.param_count(lambda: VAR(config, rngs=nnx.Rngs(0)))
 
 
-_NO_DECAY_NAMES = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
-
-
-def decays(path) -> bool:
-    """The official weight-decay rule for one parameter path.
-
-    Decayed: the 2-D weights of every Linear (qkv, proj, fc1, fc2, ada_lin, shared_ada_lin,
-    head_nm, head, word_embed) and class_emb. Not decayed: biases, pos_start, pos_1LC, lvl_embed,
-    scale_mul, ada_gss.
-    """
-    names = [str(p) for p in path]
-    if any(name in _NO_DECAY_NAMES for name in names):
-        return False
-    leaf = names[-1]
-    return leaf in ("kernel", "qkv_kernel") or (names[0] == "class_emb" and leaf == "embedding")
-
-
 def weight_decay_mask(model_or_state):
-    """A pytree of bools shaped like ``nnx.as_pure(nnx.state(model, nnx.Param))``: True where
-    decayed. Takes a model, its Param state, or a params pytree of arrays; so both
-    ``optax.adamw(..., mask=weight_decay_mask(model))`` and ``mask=weight_decay_mask`` (called
-    by optax on the params) work with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
-    """
-    state = model_or_state
-    if isinstance(model_or_state, nnx.Module):
-        state = nnx.state(model_or_state, nnx.Param)
-    state = nnx.as_pure(state)  # plain arrays, the structure optax sees inside nnx.Optimizer
-
-    def name(entry):
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                return getattr(entry, attr)
-        return entry
-
-    def leaf_mask(path, _):
-        names = [name(p) for p in path]
-        if names and names[-1] == "value":  # the Variable's own field, not a parameter name
-            names = names[:-1]
-        return decays(tuple(names))
-
-    return jax.tree_util.tree_map_with_path(leaf_mask, state)
+    """The official VAR decay groups (``models.decay``, the rule every optimiser uses)."""
+    return decay.weight_decay_mask(model_or_state)
