@@ -50,8 +50,10 @@ flags.DEFINE_integer("heads", 8, "Attention heads.")
 flags.DEFINE_integer("head_dim", 64, "Head dimension.")
 flags.DEFINE_float("logit_bound", 4.0, "Temperature: logits lie in [-bound, bound] (VAR: 4 at "
                    "initialisation, up to 100).")
-flags.DEFINE_list("backends", ["exact", "flash", "dense_full", "favor", "poly"],
-                  "Backends of the time sweep.")
+# Every registered backend with a kernel of its own ("auto" runs one of them), plus one
+# unmasked fused call over the whole sequence as the dense baseline.
+flags.DEFINE_list("backends", [*attention.sampling_backend_names(), "dense_full"],
+                  "Backends of the time sweep (attention.BACKENDS or dense_full).")
 flags.DEFINE_integer("num_features", 256, "FAVOR+ features in the time sweep.")
 flags.DEFINE_integer("degree", 2, "Polynomial degree in the time sweep.")
 flags.DEFINE_integer("max_exact_n", None, "Largest n for the O(L^2) float32 exact reference "

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 from var_jax import scales
 
-BACKENDS = ("exact", "flash", "poly", "favor", "auto")
-
-
-def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
 
 def check_qkv(q, k, v, patch_nums):
     """Checks shapes (B, L, H, D) and that L is the schedule's token count; returns the layout."""
@@ -50,4 +42,10 @@ def check_scale_qkv(q, k, v, patch_nums, scale_index):
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value

@@ -35,7 +35,7 @@ import dataclasses
 import math
 
 from var_jax import scales
-from var_jax.attention import poly
+from var_jax.attention import _checks, poly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +59,6 @@ class Plan:
         return {"degree": self.degree, "approximation": "taylor", "center": self.center}
 
 
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
-
-
 def block_causal_pairs(patch_nums) -> int:
     layout = scales.token_layout(patch_nums)
     return sum((e - b) * e for b, e in layout.begin_ends)
@@ -72,12 +66,10 @@ def block_causal_pairs(patch_nums) -> int:
 
 def plan(logit_bound, head_dim, seq_len, eps, *, patch_nums=None, max_degree=20) -> Plan:
     """The degree/rank the polynomial method needs and whether to use it (module docstring)."""
-    _positive("logit_bound", logit_bound)
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    _positive("eps", eps)
+    _checks.check_positive_number("logit_bound", logit_bound)
+    _checks.check_positive_int("head_dim", head_dim)
+    _checks.check_positive_int("seq_len", seq_len)
+    _checks.check_positive_number("eps", eps)
     if eps >= 1:
         raise ValueError(f"eps must be below 1 (a relative error), got {eps!r}")
     if patch_nums is not None:
