@@ -92,9 +92,8 @@ class VARConfig:
             fix("attn_options", tuple(sorted(self.attn_options.items())))
         else:
             fix("attn_options", tuple(tuple(kv) for kv in self.attn_options))
-        attention_backends = ("exact", "flash", "poly", "favor", "auto")
-        if self.attn_backend not in attention_backends:
-            raise ValueError(f"VARConfig.attn_backend must be one of {attention_backends}, got "
+        if self.attn_backend not in attention.BACKENDS:
+            raise ValueError(f"VARConfig.attn_backend must be one of {attention.BACKENDS}, got "
                              f"{self.attn_backend!r}")
         checks.positive_number("VARConfig.max_temperature", self.max_temperature)
         if not isinstance(self.scan_layers, (bool, np.bool_)):
@@ -103,7 +102,9 @@ class VARConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"VARConfig.remat must be one of {REMAT_POLICIES}, got "
                              f"{self.remat!r}")
-        _ = self.attention  # resolves "auto" and checks its options now, not at the first trace
+        # Resolves "auto" and checks the options now, not at the first trace.
+        backend, options = self.attention
+        attention.check_backend_options(backend, options)
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"VARConfig.{name} must be one of {_DTYPES}, got "
@@ -190,12 +191,11 @@ def _resolve_auto(logit_bound: float, head_dim: int, patch_nums: tuple, options:
     opts = dict(options)
     unknown = sorted(set(opts) - {"eps"})
     if unknown:
-        raise ValueError(f"VARConfig.attn_options for attn_backend 'auto' takes only eps, got "
-                         f"{unknown}")
-    seq_len = scales.token_layout(patch_nums).seq_len
-    chosen = attention.plan(float(logit_bound), head_dim, seq_len,
-                            opts.get("eps", 1.0 / seq_len), patch_nums=patch_nums)
-    return chosen.backend, dict(chosen.options)
+        raise ValueError(f"VARConfig.attn_options for attn_backend 'auto' takes only eps (the "
+                         f"logit bound is max_temperature), got {unknown}")
+    backend, chosen = attention.resolve_auto(float(logit_bound), head_dim, patch_nums,
+                                             opts.get("eps"))
+    return backend, dict(chosen)
 
 
 # ----------------------------------------------------------------------------------------------
