@@ -57,8 +57,11 @@ def exact_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, query_block=
 def attend_prefix(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD):
     """One scale's queries against every key of its prefix (no mask needed), float32 softmax."""
     dtype = q_BxlxHxD.dtype
-    q, k, v = (x.astype(jnp.float32) for x in (q_BxlxHxD, k_BxPxHxD, v_BxPxHxD))
-    logits = jnp.einsum("bchd,blhd->bhcl", q, k, precision=jax.lax.Precision.HIGHEST)
+    # Heads moved in front once, so both products are plain batched matmuls over (B, H): on a
+    # CPU about 1.2x faster than letting the einsums transpose around each dot.
+    q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2)
+               for x in (q_BxlxHxD, k_BxPxHxD, v_BxPxHxD))
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=jax.lax.Precision.HIGHEST)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhcl,blhd->bchd", probs, v, precision=jax.lax.Precision.HIGHEST)
-    return out.astype(dtype)
+    out = jnp.matmul(probs, v, precision=jax.lax.Precision.HIGHEST)
+    return jnp.swapaxes(out, 1, 2).astype(dtype)
