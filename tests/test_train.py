@@ -107,7 +107,7 @@ def test_config_validation_names_the_field():
     assert out.returncode != 0 and "nonsense" in out.stderr
 
 
-class ToyRecipe:
+class ToyRecipe(loop.RecipeDefaults):
     """A linear classifier on digits: the loop's behaviour without a big compile."""
 
     name = "toy"
@@ -254,9 +254,8 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
         from test_train import ToyRecipe, _toy_config
         from var_jax.train import loop
         assert jax.device_count() == 8
-        from var_jax.train import sharding
-        sharding.FSDP_MIN_SIZE = 1  # split even the toy's small kernel
         c = _toy_config(); c.mesh.data = 4; c.mesh.fsdp = 2
+        c.mesh.fsdp_min_size = 1  # split even the toy's small kernel
         t = loop.Trainer(ToyRecipe(3), c, {str(tmp_path / "mesh")!r})
         kernel = t.state["params"]["kernel"]
         print("SPEC", kernel.sharding.spec, "MESH", dict(t.mesh.shape))
