@@ -20,18 +20,21 @@ from absl import flags, logging
 _DONE: dict = {}
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
     """The launch flags every entry point takes (none are needed on one host)."""
+    fv = dict(flag_values=flag_values)
     flags.DEFINE_string("coordinator_address", None,
-                        "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (else $JAX_NUM_PROCESSES).")
-    flags.DEFINE_integer("process_id", None, "This process's index (else $JAX_PROCESS_ID).")
+                        "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).", **fv)
+    flags.DEFINE_integer("num_processes", None,
+                         "Number of processes (else $JAX_NUM_PROCESSES).", **fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (else $JAX_PROCESS_ID).",
+                         **fv)
     flags.DEFINE_integer("initialization_timeout", 300,
-                         "Seconds to wait for the coordinator and every process.")
+                         "Seconds to wait for the coordinator and every process.", **fv)
 
 
-def initialize_from_flags() -> None:
-    f = flags.FLAGS
+def initialize_from_flags(flag_values=flags.FLAGS) -> None:
+    f = flag_values
     initialize(f.coordinator_address, f.num_processes, f.process_id,
                timeout_s=f.initialization_timeout)
 

@@ -335,9 +335,11 @@ class Trainer:
         self._consume(self.late.flush(), progress)
         self.checkpointer.wait()
         report = self.iterator.report()
+        per_device, total_bytes = sharding.per_device_bytes(self.state["params"])
         summary = {
             "stage": self.recipe.name, "step": self.step, "dir": self.dir,
-            "preempted": preempted,
+            "preempted": preempted, "mesh": dict(self.mesh.shape),
+            "param_bytes": {"total": total_bytes, "largest_per_device": per_device},
             "checkpoints": self.checkpointer.all_steps(),
             "train": {k: float(v) for k, v in self.last_train_metrics.items()
                       if np.size(v) == 1 and math.isfinite(float(v))},
@@ -361,9 +363,10 @@ def train(recipe: Recipe, config, workdir: str, mesh=None) -> dict:
         trainer.close()
 
 
-def restore_model(recipe: Recipe, run_dir: str, step: int | None = None, mesh=None):
-    """The model of a recipe from the latest (or given) checkpoint in `run_dir`, replicated on
-    `mesh` (every process's devices), or on this process's first device without one."""
+def restore_state(recipe: Recipe, run_dir: str, step: int | None = None, mesh=None):
+    """(step, graphdef, train state) from the latest (or given) checkpoint in `run_dir`, every
+    array replicated on `mesh` (every process's devices), or on this process's first device
+    without one; the checkpoint may come from any mesh or process count."""
     tx, _ = recipe.optimizer()
     holder = {}
 
@@ -392,4 +395,11 @@ def restore_model(recipe: Recipe, run_dir: str, step: int | None = None, mesh=No
             state = checkpointer.restore(step, target)[0]
     finally:
         checkpointer.close()
-    return step_lib.merge_model(holder["graphdef"], state)
+    return step, holder["graphdef"], state
+
+
+def restore_model(recipe: Recipe, run_dir: str, step: int | None = None, mesh=None):
+    """The model of a recipe from the latest (or given) checkpoint in `run_dir` (see
+    `restore_state` for where its arrays go)."""
+    _, graphdef, state = restore_state(recipe, run_dir, step, mesh)
+    return step_lib.merge_model(graphdef, state)
