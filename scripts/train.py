@@ -28,7 +28,7 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     a process (the tests do, one mesh after another)."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True,
-                                    flag_values=fv)
+                                    flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).",
                         flag_values=fv)
     flags.DEFINE_enum("stage", "tokenizer", ["tokenizer", "var"], "What to train.",

@@ -405,6 +405,7 @@ def test_bad_inputs_name_the_field_or_flag():
     with pytest.raises(ValueError, match=r"mesh\.data x mesh\.fsdp must equal the 8 devices"):
         config_lib.validate(c, num_devices=8)
     c = tiny_test.get_config()  # batch 8 over 2 processes x 8 local devices: 4 per process
+    c.tokenizer.batch_size = 32
     with pytest.raises(ValueError, match=r"var\.batch_size=8 must split into 2 per-process"):
         config_lib.validate(c, num_devices=16, num_processes=2)
     from var_jax.train import sharding

@@ -253,7 +253,8 @@ class Trainer:
         log_every = self.config.train.log_every
         if step % log_every == 0 or step == self.recipe.steps or step == 1:
             self.writer.write_scalars(step, metrics, "train")
-            progress.line(step, metrics)
+            if jax.process_index() == 0:  # one progress line per run, not one per process
+                progress.line(step, metrics)
 
     def _save(self, step: int, progress) -> None:
         self._consume(self.late.flush(), progress)
