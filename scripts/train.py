@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from var_jax.train import distributed  # noqa: E402
+from var_jax.train import distributed, preemption  # noqa: E402
 
 
 def parse_flags(argv: list[str]) -> flags.FlagValues:
@@ -49,6 +49,7 @@ def run(argv: list[str]) -> dict | None:
         config_lib.validate(fv.config)
         print(f"dry run: config valid, stage={fv.stage}")
         return None
+    preemption.catch_sigterm()  # a preemption during start-up still ends in a save, status 0
     distributed.initialize_from_flags(fv)  # before any device work
     from var_jax.train import runner
 

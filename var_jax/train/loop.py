@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -30,7 +29,7 @@ from flax import nnx
 from var_jax import data as data_lib
 from var_jax.train import checkpoint as ckpt_lib
 from var_jax.train import metrics as metrics_lib
-from var_jax.train import sharding
+from var_jax.train import preemption, sharding
 from var_jax.train import step as step_lib
 
 
@@ -132,29 +131,6 @@ def _memory_line(name: str, compiled) -> str:
             f"{mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)} "
             f"(aliased {mib(mem.alias_size_in_bytes)}), temporaries "
             f"{mib(mem.temp_size_in_bytes)}, code {mib(mem.generated_code_size_in_bytes)}")
-
-
-class _StopRequest:
-    """SIGTERM (what a preempted TPU/spot VM gets) sets a flag instead of killing the process."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, the default stays
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Trainer:
@@ -294,10 +270,17 @@ class Trainer:
 
     def run(self, num_steps: int | None = None) -> dict:
         """Trains to `recipe.steps` (or `num_steps` more steps); returns a summary."""
-        with _StopRequest() as stop:
-            return self._run(num_steps, stop)
+        installed_here = preemption.STOP.install()
+        try:
+            summary = self._run(num_steps, preemption.STOP)
+        finally:
+            if installed_here:
+                preemption.STOP.uninstall()
+        if summary["preempted"]:
+            preemption.STOP.requested = False  # acted on
+        return summary
 
-    def _run(self, num_steps: int | None, stop: _StopRequest) -> dict:
+    def _run(self, num_steps: int | None, stop: preemption.StopRequest) -> dict:
         tcfg = self.config.train
         total = self.recipe.steps
         start = self.step
