@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 0
     c.train.sample_every = 0
 
-    c.tokenizer.model = dict(
+    c.tokenizer.model.update(
         image_size=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, use_attn=False,
         use_mid_attn=False, z_channels=16, vocab_size=256, patch_nums=PATCH_NUMS,
         norm_groups=8)
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     c.tokenizer.warmup_steps = 30
     c.tokenizer.eval_examples = 2000
 
-    c.var.model = dict(
+    c.var.model.update(
         depth=4, width=128, num_heads=2, patch_nums=PATCH_NUMS, vocab_size=256, cvae=16,
         num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.1, init_alng=1e-3)
     c.var.steps = 900

@@ -1,17 +1,22 @@
-"""The official VAR ImageNet recipes (README launch table), one module for every depth:
-get_config("d16"), "d20", "d24", "d30" at 256px and "d36" (shared AdaLN) at 512px.
+"""The official VAR ImageNet recipes (README launch table), one module for every depth: the
+config argument is d16, d20, d24, d30 (256px) or d36 (shared AdaLN, 512px); model sizes come
+from VARConfig.official. Compute is bfloat16 with the flash attention backend (cuDNN on GPUs);
+`--config.var.bf16=False --config.var.model.attn_backend=exact` gives the float32 reference.
 
-    python scripts/train.py --config=configs/imagenet.py:d16 --workdir=gs://bucket/var_d16 \
+    python scripts/train.py --config=configs/imagenet.py:d16 --workdir=runs/var_d16 \
         --stage=var --config.data.root=/data/imagenet \
-        --config.var.tokenizer_workdir=gs://bucket/vqvae
+        --config.var.tokenizer_workdir=runs/vqvae
 
-The tokenizer is the released vae_ch160v4096z32 (convert it with var_jax.convert, or train one
-with --stage=tokenizer). Epoch counts become steps at 1,281,167 images per epoch.
+On several hosts, run the same command on each with --coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I (not needed on a TPU pod or under Slurm), and split the
+devices with e.g. --config.mesh.fsdp=8. The tokenizer is the released vae_ch160v4096z32
+(convert it with var_jax.convert, or train one with --stage=tokenizer). Epoch counts become
+steps at 1,281,167 images per epoch.
 """
 
 import math
 
-from var_jax import scales
+from var_jax.models.var import VARConfig
 from var_jax.train.config import base_config
 
 IMAGENET_TRAIN = 1_281_167
@@ -25,13 +30,15 @@ RECIPES = {
 }
 
 
-def get_config(arg: str = "d16"):
+def get_config(arg: str | None = "d16"):
+    arg = arg or "d16"
     if arg not in RECIPES:
         raise ValueError(f"config argument: expected one of {sorted(RECIPES)}, found {arg!r}")
     batch, epochs, tblr, alng, wpe, twde = RECIPES[arg]
     depth = int(arg[1:])
-    shared_aln = depth == 36
-    patch_nums = scales.SCHEDULES["512" if shared_aln else "256"]
+    model = VARConfig.official(depth, shared_aln=depth == 36, init_alng=alng,
+                               cond_drop_rate=0.1, attn_backend="flash")
+    patch_nums = model.patch_nums
     image_size = 16 * patch_nums[-1]
     steps_per_epoch = math.ceil(IMAGENET_TRAIN / batch)
     c = base_config()
@@ -48,10 +55,10 @@ def get_config(arg: str = "d16"):
     c.train.keep_checkpoints = 3
     c.train.eval_every = 10 * steps_per_epoch
     c.train.sample_every = 10 * steps_per_epoch
-    c.tokenizer.model = dict(patch_nums=patch_nums, image_size=image_size)
-    c.var.model = dict(depth=depth, width=64 * depth, num_heads=depth, patch_nums=patch_nums,
-                       vocab_size=4096, cvae=32, num_classes=1000, shared_aln=shared_aln,
-                       drop_path_rate=0.1 * depth / 24, cond_drop_rate=0.1, init_alng=alng)
+    c.tokenizer.model.update(dict(patch_nums=patch_nums, image_size=image_size))
+    fields = dict(model.to_dict(), patch_nums=patch_nums)
+    del fields["attn_options"]  # the backend's defaults
+    c.var.model.update(fields)
     c.var.steps = epochs * steps_per_epoch
     c.var.batch_size = batch
     c.var.base_lr = tblr

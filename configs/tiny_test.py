@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 2
     c.train.keep_checkpoints = 2
     c.train.sample_every = 2
-    c.tokenizer.model = dict(
+    c.tokenizer.model.update(
         image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, use_attn=False,
         use_mid_attn=False, z_channels=4, vocab_size=16, patch_nums=PATCH_NUMS, norm_groups=4)
     c.tokenizer.steps = 2
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
     c.tokenizer.warmup_steps = 1
     c.tokenizer.dead_code_every = 1
     c.tokenizer.eval_examples = 32
-    c.var.model = dict(
+    c.var.model.update(
         depth=1, width=16, num_heads=2, patch_nums=PATCH_NUMS, vocab_size=16, cvae=4,
         num_classes=10, drop_path_rate=0.0)
     c.var.steps = 2

@@ -17,17 +17,20 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from var_jax.train import demo  # noqa: E402
+from var_jax.train import demo, distributed, preemption  # noqa: E402
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "configs", "demo_fashion_mnist.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
+distributed.define_flags()
 
 
 def main(argv):
     del argv
     t = time.time()
+    preemption.catch_sigterm()
+    distributed.initialize_from_flags()  # before any device work
     report = demo.run_demo(_CONFIG.value, _WORKDIR.value)
     print(json.dumps(report, indent=1, default=str))
     print(f"demo finished in {(time.time() - t) / 60:.1f} min; outputs in "

@@ -4,9 +4,12 @@ guard, both recipes on the tiny config, and an 8-device mesh in a subprocess."""
 import json
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +110,7 @@ def test_config_validation_names_the_field():
     assert out.returncode != 0 and "nonsense" in out.stderr
 
 
-class ToyRecipe:
+class ToyRecipe(loop.RecipeDefaults):
     """A linear classifier on digits: the loop's behaviour without a big compile."""
 
     name = "toy"
@@ -254,9 +257,8 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
         from test_train import ToyRecipe, _toy_config
         from var_jax.train import loop
         assert jax.device_count() == 8
-        from var_jax.train import sharding
-        sharding.FSDP_MIN_SIZE = 1  # split even the toy's small kernel
         c = _toy_config(); c.mesh.data = 4; c.mesh.fsdp = 2
+        c.mesh.fsdp_min_size = 1  # split even the toy's small kernel
         t = loop.Trainer(ToyRecipe(3), c, {str(tmp_path / "mesh")!r})
         kernel = t.state["params"]["kernel"]
         print("SPEC", kernel.sharding.spec, "MESH", dict(t.mesh.shape))
@@ -273,3 +275,154 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
     loss_1 = single.run()["train"]["loss"]
     single.close()
     assert loss_8 == pytest.approx(loss_1, rel=1e-4)
+
+
+def test_every_model_field_is_settable_and_imagenet_recipes_use_bf16_flash():
+    import dataclasses
+
+    from var_jax.attention import decode
+    from var_jax.models.var import VARConfig
+    from var_jax.models.vqvae import VQVAEConfig
+
+    c = config_lib.base_config()
+    assert set(c.var.model) == {f.name for f in dataclasses.fields(VARConfig)}
+    assert set(c.tokenizer.model) == {f.name for f in dataclasses.fields(VQVAEConfig)}
+    names = {n for options in decode.OPTIONS.values() for n in options} | {"logit_bound", "eps"}
+    assert set(config_lib.ATTN_OPTION_TYPES) == names
+    # Fields the file leaves alone (None defaults, options) take values; unset options vanish.
+    c = tiny_test.get_config()
+    c.var.model.attn_backend = "poly"
+    c.var.model.attn_options.degree = 4
+    c.var.model.init_std = 0.01
+    var = config_lib.var_config(c)
+    assert var.attn_options == (("degree", 4),) and var.init_std == 0.01
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import imagenet
+
+    for arg in imagenet.RECIPES:
+        model = config_lib.var_config(imagenet.get_config(arg))
+        official = VARConfig.official(int(arg[1:]), shared_aln=arg == "d36")
+        assert (model.dtype, model.attn_backend) == ("bfloat16", "flash")
+        assert (model.width, model.num_heads, model.patch_nums) == (
+            official.width, official.num_heads, official.patch_nums)
+
+
+def _documented_commands() -> list[str]:
+    """Every `python scripts/...` command in README.md, WORKSPACE.md and config docstrings."""
+    import glob
+    import re
+
+    found = []
+    for path in ("README.md", "WORKSPACE.md"):
+        found += re.findall(r"`(python scripts/[^`]+)`", open(os.path.join(ROOT, path)).read())
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):
+        text = open(path).read().replace("\\\n", " ")
+        found += re.findall(r"^\s*(python scripts/\S.*)$", text, flags=re.M)
+    return [" ".join(c.replace("[", " ").replace("]", " ").split()) for c in found]
+
+
+_CHECK_COMMANDS = """
+import json, runpy, shlex, sys
+from absl import flags
+for command in json.loads(sys.argv[1]):
+    argv = shlex.split(command)[1:]
+    before = set(flags.FLAGS)
+    module = runpy.run_path(argv[0], run_name="documented_command")
+    if "parse_flags" in module:  # scripts/train.py: its own flags, and a real --dry_run
+        module["run"](argv + ["--dry_run"])
+    else:
+        flags.FLAGS(argv)
+        flags.FLAGS.unparse_flags()
+    for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
+    print("OK", command, flush=True)
+"""
+
+
+def test_every_documented_command_parses_and_dry_runs():
+    commands = _documented_commands()
+    assert len(commands) >= 9 and any("imagenet.py:d16" in c for c in commands)
+    out = subprocess.run([sys.executable, "-c", _CHECK_COMMANDS, json.dumps(commands)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("OK ") == len(commands)
+    # Model fields no config file writes are settable from the command line.
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--dry_run",
+         f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}", "--workdir=unused",
+         "--config.var.model.attn_backend=flash", "--config.var.model.max_temperature=5.0",
+         "--config.var.model.attn_options.group_tokens=4", "--config.var.model.dtype=bfloat16",
+         "--config.tokenizer.model.precision=default"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "config valid" in out.stdout, out.stderr[-3000:]
+
+
+def test_half_written_checkpoints_are_passed_over_with_a_warning(tmp_path, capsys):
+    first = loop.Trainer(ToyRecipe(6), _toy_config(every=2), str(tmp_path))
+    first.run(num_steps=4)
+    saved = _params(first)
+    first.close()
+    ckpts = tmp_path / "toy" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+    # An Orbax temporary folder of an interrupted save, and a step folder that does not read.
+    (ckpts / "5.orbax-checkpoint-tmp-1234").mkdir()
+    shutil.copytree(ckpts / "4", ckpts / "6")
+    for root, _, files in os.walk(ckpts / "6" / "state"):
+        for name in files:
+            open(os.path.join(root, name), "wb").write(b"\0garbage")
+    again = loop.Trainer(ToyRecipe(6), _toy_config(every=2), str(tmp_path))
+    out = capsys.readouterr().out
+    assert again.step == 4, out
+    assert "5.orbax-checkpoint-tmp-1234" in out and "step 6" in out and "passing over" in out
+    for a, b in zip(saved, _params(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    again.run()
+    again.close()
+    assert again.step == 6 and 6 in again.checkpointer.all_steps()
+
+
+def test_stacked_layer_axis_is_never_split_and_threshold_is_config_data():
+    from jax.tree_util import DictKey, SequenceKey
+
+    from var_jax.train import sharding
+
+    stacked = (DictKey("blocks"), DictKey("attn"), DictKey("qkv_kernel"))
+    looped = (DictKey("blocks"), SequenceKey(0), DictKey("attn"), DictKey("qkv_kernel"))
+    assert sharding.stacked_layer_axis(stacked) and not sharding.stacked_layer_axis(looped)
+    # (depth, C, 3, H, D): depth 16 is the largest dim but is the layer axis -> C is split.
+    assert sharding.param_spec((16, 8, 3, 2, 4), 8, 1, skip_leading=True) == jax.P(
+        None, "fsdp", None, None, None)
+    assert sharding.param_spec((16, 8, 3, 2, 4), 8, 1) == jax.P("fsdp", None, None, None, None)
+    assert sharding.param_spec((16, 8, 3, 2, 4), 8, 10**6) == jax.P()  # under the threshold
+    assert sharding.param_spec((16, 3), 8, 1, skip_leading=True) == jax.P()  # nothing divides
+
+
+def test_bad_inputs_name_the_field_or_flag():
+    c = tiny_test.get_config()
+    c.mesh.data, c.mesh.fsdp = 4, 4
+    with pytest.raises(ValueError, match=r"mesh\.data x mesh\.fsdp must equal the 8 devices"):
+        config_lib.validate(c, num_devices=8)
+    c = tiny_test.get_config()  # batch 8 over 2 processes x 8 local devices: 4 per process
+    c.tokenizer.batch_size = 32
+    with pytest.raises(ValueError, match=r"var\.batch_size=8 must split into 2 per-process"):
+        config_lib.validate(c, num_devices=16, num_processes=2)
+    from var_jax.train import sharding
+
+    c.mesh.fsdp = 3
+    with pytest.raises(ValueError, match=r"mesh\.fsdp to divide the 8 devices, found 3"):
+        sharding.mesh_shape(c.mesh, 8)
+    # Nothing listens at the coordinator: a clear error naming the flag within the timeout.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.time()
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}", "--workdir=unused",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+         "--initialization_timeout=3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "--coordinator_address" in out.stderr
+    assert "no coordinator reachable" in out.stderr
+    assert time.time() - t < 60

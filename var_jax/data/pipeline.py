@@ -104,17 +104,25 @@ def normalize(batch: dict) -> dict:
 
 def make_dataset(source, *, batch_size: int, seed: int, train: bool, image_size: int,
                  shard_index: int = 0, shard_count: int = 1, num_threads: int = 0,
-                 num_epochs: int | None = None) -> grain.IterDataset:
+                 num_epochs: int | None = None,
+                 global_order: bool = False) -> grain.IterDataset:
     """The Grain pipeline for one process: shard -> shuffle/repeat -> decode -> batch -> scale.
 
     Training pipelines repeat forever and drop the last partial batch; evaluation pipelines run
-    `num_epochs` (default 1) epochs in order and keep the last partial batch.
+    `num_epochs` (default 1) epochs in order and keep the last partial batch. With
+    `global_order` (training), all processes shuffle the whole source the same way and process
+    i takes the i-th contiguous slice of every global batch of batch_size * shard_count
+    examples, so the global batches (and a run's results) do not depend on the process count;
+    each process still reads and decodes only its own examples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index: expected 0 <= index < {shard_count}, found {shard_index}")
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    global_order = global_order and train and shard_count > 1
+    ds = grain.MapDataset.source(source)
+    if not global_order:
+        ds = ds[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"data: shard {shard_index}/{shard_count} of a source of "
                          f"{len(source)} examples is empty")
@@ -127,10 +135,24 @@ def make_dataset(source, *, batch_size: int, seed: int, train: bool, image_size:
             ds = ds.random_map(lambda rec, rng: source.load(rec, image_size, rng), seed=seed)
         else:
             ds = ds.map(lambda rec: source.load(rec, image_size, None))
+    if global_order:
+        ds = _process_slice(ds, batch_size, shard_index, shard_count)
     # None (an unreadable file) is dropped by the conversion to an IterDataset.
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1))
     it_ds = ds.to_iter_dataset(read)
     return it_ds.batch(batch_size, drop_remainder=train).map(normalize)
+
+
+def _process_slice(ds: grain.MapDataset, batch_size: int, index: int,
+                   count: int) -> grain.MapDataset:
+    """Local example i -> global example (i // b) * b * n + index * b + i % b (b local batch,
+    n processes): this process's contiguous part of each global batch, read lazily."""
+    span = batch_size * count
+
+    def pick(i):
+        return ds[(i // batch_size) * span + index * batch_size + i % batch_size]
+
+    return grain.MapDataset.range(len(ds) // count).map(pick)
 
 
 class DataIterator:

@@ -1,17 +1,34 @@
 """Orbax checkpoints of the whole training state: arrays, data-iterator position and metadata.
 
 A checkpoint holds three items: "state" (parameters, optimizer state, step, rng key data, and any
-non-parameter model state, saved with StandardSave and restored into the current shardings),
-"data" (the Grain iterator's JSON state) and "meta" (JSON: config and stage). Restoring all three
-gives an exact resume.
+non-parameter model state, saved with StandardSave and restored into the current shardings, so a
+checkpoint written on one mesh or process count restores on another), "data" (the Grain
+iterator's JSON state plus the position in examples over all processes) and "meta" (JSON:
+config and stage). Restoring all three gives an exact resume. Every process takes part in save
+and restore (Orbax writes each array shard from the process that holds it).
+
+A save that was interrupted leaves either an Orbax temporary folder (never listed as a step) or a
+step folder whose contents do not restore; `restore_latest` passes over both with a warning and
+moves the broken folder aside, so the last complete checkpoint is used and never overwritten.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def _warn(msg: str) -> None:
+    logging.warning(msg)
+    if jax.process_index() == 0:
+        print(f"WARNING: {msg}", flush=True)
 
 
 class Checkpointer:
@@ -48,6 +65,33 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["data"], out["meta"]
+
+    def restore_latest(self, abstract_state):
+        """(step, state, data_state, meta) of the newest checkpoint that restores, or None."""
+        if os.path.isdir(self.directory):
+            for name in sorted(os.listdir(self.directory)):
+                if TMP_MARKER in name:
+                    _warn(f"checkpoint: passing over {name!r} in {self.directory}, a save that "
+                          f"did not finish")
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except Exception as e:  # noqa: BLE001 - any unreadable content means "incomplete"
+                _warn(f"checkpoint: step {step} in {self.directory} does not restore "
+                      f"({type(e).__name__}: {str(e)[:200]}); passing over it")
+                self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        # Renamed, not deleted: the user may want to look at it; a later save of the same step
+        # number then writes a fresh folder.
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            if os.path.isdir(path):
+                os.rename(path, f"{path}.unreadable-{int(time.time())}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -7,11 +7,54 @@ expectation and what was found), so a typo fails in a second instead of after a 
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from var_jax.data.pipeline import SOURCES
+from var_jax.models.var import VARConfig
+from var_jax.models.vqvae import VQVAEConfig
 
 _DATA_CLASSES = {"fashion_mnist": 10, "digits": 10}
+
+
+# Option name -> type for var.model.attn_options (None = the backend's default). The names are
+# the attention backends' own (checked against attention.decode.OPTIONS in the tests); "auto"
+# also takes logit_bound and eps.
+ATTN_OPTION_TYPES = {"query_block": int, "implementation": str, "group_tokens": int,
+                     "degree": int, "approximation": str, "center": float,
+                     "logit_bound": float, "chunk": int, "num_features": int,
+                     "orthogonal": bool, "eps": float}
+
+
+def _field_type(annotation):
+    """The concrete type of an annotation like `int | None` (None when it is not one type)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return args[0] if len(args) == 1 else None
+    return annotation if isinstance(annotation, type) else None
+
+
+def model_group(cls) -> ml_collections.ConfigDict:
+    """Every field of a model config dataclass with its default, so that each one can be set
+    with --config.<stage>.model.<field>=value whether or not the config file writes it. Fields
+    defaulting to None become typed placeholders (ml_collections cannot override a bare None)."""
+    hints = typing.get_type_hints(cls)
+    group = {}
+    for field in dataclasses.fields(cls):
+        if field.name == "attn_options":
+            group[field.name] = {k: placeholder(t) for k, t in ATTN_OPTION_TYPES.items()}
+            continue
+        default = field.default
+        if default is dataclasses.MISSING:
+            default = field.default_factory()
+        if default is None:
+            default = placeholder(_field_type(hints[field.name]) or object)
+        group[field.name] = default
+    return ml_collections.ConfigDict(group)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -19,19 +62,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = dict(source="fashion_mnist", root="", image_size=32, train_split="train",
                   eval_split="val", num_threads=0, num_eval=10000, eval_batch_size=500)
-    c.mesh = dict(data=-1, fsdp=1)
+    # Device mesh ("data" x "fsdp"; one size may be -1 = every remaining device). Arrays with
+    # fewer than fsdp_min_size elements stay replicated: splitting them costs more than it saves.
+    c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
     c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=0,
                    sample_every=0)
-    # model: the fields of var_jax.models.vqvae.VQVAEConfig.
+    # model: every field of var_jax.models.vqvae.VQVAEConfig (config files .update() it).
     c.tokenizer = dict(
-        model={}, steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, wpe=0.05,
-        weight_decay=0.0, b1=0.9, b2=0.95, clip=2.0, l1_weight=1.0, l2_weight=1.0,
+        model=model_group(VQVAEConfig), steps=1000, batch_size=32, lr=2e-3, warmup_steps=50,
+        wpe=0.05, weight_decay=0.0, b1=0.9, b2=0.95, clip=2.0, l1_weight=1.0, l2_weight=1.0,
         vq_weight=1.0, dead_code_every=100, dead_code_threshold=0.03, usage_decay=0.99,
         eval_examples=2000)
-    # model: the fields of var_jax.models.var.VARConfig (cond_drop_rate is the label dropout).
+    # model: every field of var_jax.models.var.VARConfig (cond_drop_rate is the label dropout).
     c.var = dict(
-        model={}, steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50, wp0=0.005,
-        wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
+        model=model_group(VARConfig), steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50,
+        wp0=0.005, wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
         tokenizer_workdir="", eval_examples=2000, cache_tokens=False)
     c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=8,
                     eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
@@ -46,8 +91,7 @@ def _check_keys(config, schema, prefix: str) -> None:
             raise ValueError(f"config: unknown field {name!r}; known fields here: "
                              f"{sorted(schema.keys())}")
         value, default = config[key], schema[key]
-        is_dict = isinstance(default, ml_collections.ConfigDict)
-        if is_dict and key != "model":
+        if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ValueError(f"config: {name} must be a group of fields, found {value!r}")
             _check_keys(value, default, name + ".")
@@ -63,8 +107,6 @@ def _positive(config, *names: str) -> None:
 
 
 def vqvae_config(config):
-    from var_jax.models.vqvae import VQVAEConfig
-
     fields = dict(config.tokenizer.model)
     unknown = set(fields) - set(VQVAEConfig.__dataclass_fields__)
     if unknown:
@@ -80,8 +122,6 @@ def vqvae_config(config):
 
 
 def var_config(config):
-    from var_jax.models.var import VARConfig
-
     fields = dict(config.var.model)
     unknown = set(fields) - set(VARConfig.__dataclass_fields__)
     if unknown:
@@ -89,8 +129,10 @@ def var_config(config):
                          f"(all unknown: {sorted(unknown)})")
     if "patch_nums" in fields:
         fields["patch_nums"] = tuple(fields["patch_nums"])
-    if "attn_options" in fields and isinstance(fields["attn_options"], ml_collections.ConfigDict):
-        fields["attn_options"] = dict(fields["attn_options"])
+    if isinstance(fields.get("attn_options"), ml_collections.ConfigDict):
+        # Unset (None) options are left to the backend's defaults.
+        fields["attn_options"] = {k: v for k, v in fields["attn_options"].items()
+                                  if v is not None}
     if config.var.bf16:
         fields["dtype"] = "bfloat16"
     try:
@@ -99,8 +141,9 @@ def var_config(config):
         raise ValueError(f"config: var.model: {e}") from e
 
 
-def validate(config, num_devices: int | None = None) -> None:
-    """Raises ValueError naming the first unknown field or impossible value."""
+def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
+    """Raises ValueError naming the first unknown field or impossible value; with `num_devices`
+    (all processes together) also checks the mesh and the per-process batches against them."""
     _check_keys(config, base_config(), "")
     if config.data.source not in SOURCES:
         raise ValueError(f"config: data.source must be one of {SOURCES}, found "
@@ -121,15 +164,29 @@ def validate(config, num_devices: int | None = None) -> None:
             raise ValueError(f"config: {name} must be in [0, 1), found {config[group][field]!r}")
     if not 0 <= config.sample.top_p <= 1:
         raise ValueError(f"config: sample.top_p must be in [0, 1], found {config.sample.top_p}")
-    if config.mesh.fsdp < 1 or (config.mesh.data != -1 and config.mesh.data < 1):
-        raise ValueError(f"config: mesh.data must be -1 or >= 1 and mesh.fsdp >= 1, found "
-                         f"data={config.mesh.data} fsdp={config.mesh.fsdp}")
+    mesh = config.mesh
+    for name in ("data", "fsdp"):
+        size = mesh[name]
+        if isinstance(size, bool) or not isinstance(size, int) or not (size == -1 or size >= 1):
+            raise ValueError(f"config: mesh.{name} must be -1 or an int >= 1, found {size!r}")
+    if mesh.data == -1 and mesh.fsdp == -1:
+        raise ValueError("config: at most one of mesh.data and mesh.fsdp may be -1")
+    if mesh.fsdp_min_size < 0:
+        raise ValueError(f"config: mesh.fsdp_min_size must be >= 0, found {mesh.fsdp_min_size}")
     if num_devices is not None:
+        known = [s for s in (mesh.data, mesh.fsdp) if s != -1]
+        product = known[0] * known[1] if len(known) == 2 else known[0]
+        if (len(known) == 2 and product != num_devices) or num_devices % product:
+            raise ValueError(f"config: mesh.data x mesh.fsdp must equal the {num_devices} "
+                             f"devices, found mesh.data={mesh.data} mesh.fsdp={mesh.fsdp}")
+        local = num_devices // num_processes
         for name in ("tokenizer.batch_size", "var.batch_size"):
             group, field = name.split(".")
-            if config[group][field] % num_devices:
-                raise ValueError(f"config: {name}={config[group][field]} must be divisible by "
-                                 f"the {num_devices} devices of the mesh")
+            batch = config[group][field]
+            if batch % num_processes or (batch // num_processes) % local:
+                raise ValueError(
+                    f"config: {name}={batch} must split into {num_processes} per-process "
+                    f"batches each divisible by the {local} local devices")
     vq = vqvae_config(config)
     var = var_config(config)
     if vq.image_size != config.data.image_size:

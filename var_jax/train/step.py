@@ -41,7 +41,11 @@ def init_state(create_model: Callable[[jax.Array], nnx.Module],
 
 def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformation,
                     lr_fn: Callable, post_update: Callable | None = None):
-    """Builds `train_step(state, frozen, batch) -> (state, metrics)` (not yet jitted).
+    """Builds `train_step(state, frozen, batch, stop) -> (state, metrics)` (not yet jitted).
+
+    stop (one int32 per device, split like the batch) carries each process's "stop requested"
+    (SIGTERM); its max over every device comes back as metrics["stop"], so all processes learn
+    the same answer for the same step with no extra host synchronisation.
 
     loss_fn(model, frozen, batch, key) -> (scalar loss, metrics dict); it may update
     non-parameter variables of `model`; metrics whose name starts with "_" (and "_step", the
@@ -50,7 +54,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
     dead-code re-seeding) and may edit the model.
     """
 
-    def train_step(state: dict, frozen: Any, batch: dict):
+    def train_step(state: dict, frozen: Any, batch: dict, stop: jax.Array):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         k_loss, k_post = jax.random.split(key)
@@ -79,7 +83,7 @@ def make_train_step(graphdef, loss_fn: Callable, tx: optax.GradientTransformatio
         # Keys starting with "_" are private to the recipe (e.g. encoder outputs for re-seeding).
         metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr_fn(step),
-                       finite=finite.astype(jnp.float32))
+                       finite=finite.astype(jnp.float32), stop=jnp.max(stop))
         return new, metrics
 
     return train_step

@@ -19,7 +19,7 @@ from var_jax import data as data_lib
 from var_jax import quantizer
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
-from var_jax.train import optim
+from var_jax.train import loop, optim
 
 
 class Usage(nnx.Variable):
@@ -55,7 +55,7 @@ def load_eval_images(config, num: int) -> tuple[np.ndarray, np.ndarray]:
     return (images[:num], labels[:num]) if num else (images, labels)
 
 
-class TokenizerRecipe:
+class TokenizerRecipe(loop.RecipeDefaults):
     name = "tokenizer"
 
     def __init__(self, config):

@@ -27,10 +27,12 @@ from var_jax.train import config as config_lib
 from var_jax.train import loop, optim, tokenizer_recipe
 
 
-def load_trained_tokenizer(config, tokenizer_dir: str, step: int | None = None) -> VQVAE:
-    """The VQ-VAE from the latest (or given) checkpoint of a tokenizer run directory."""
+def load_trained_tokenizer(config, tokenizer_dir: str, step: int | None = None,
+                           mesh=None) -> VQVAE:
+    """The VQ-VAE from the latest (or given) checkpoint of a tokenizer run directory
+    (replicated on `mesh` when given, so it computes alongside a model on that mesh)."""
     recipe = tokenizer_recipe.TokenizerRecipe(config)
-    return loop.restore_model(recipe, tokenizer_dir, step).vqvae
+    return loop.restore_model(recipe, tokenizer_dir, step, mesh).vqvae
 
 
 def load_trained_var(config, tokenizer: VQVAE, var_dir: str, step: int | None = None):
@@ -59,8 +61,10 @@ def build_token_cache(config, tokenizer: VQVAE, path: str, batch_size: int = 500
                                     "label": source.labels[i:i + batch_size]})
         parts.append(np.asarray(encode(tokenizer, jnp.asarray(batch["image"]))))
     tokens = np.concatenate(parts).astype(np.int32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, tokens=tokens, fingerprint=fingerprint)
+    if jax.process_index() == 0:  # every process computed the same tokens; one file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", tokens=tokens, fingerprint=fingerprint)
+        os.replace(path + ".tmp.npz", path)
     return tokens
 
 
@@ -78,7 +82,7 @@ def token_metrics(logits_BxLxV, targets_BxL, patch_nums) -> dict:
             "acc_per_scale": per_scale_means(correct, patch_nums)}
 
 
-class VARRecipe:
+class VARRecipe(loop.RecipeDefaults):
     name = "var"
 
     def __init__(self, config, tokenizer: VQVAE, token_cache: np.ndarray | None = None):
@@ -145,7 +149,9 @@ class VARRecipe:
         s = self.config.sample
         num_classes = self.model_config.num_classes
         labels = np.repeat(np.arange(num_classes), s.per_class)
-        images = generate(model, self.tokenizer, labels, key, cfg=s.cfg, top_k=s.top_k,
+        # The frozen copy lives where the model does (the mesh), unlike self.tokenizer.
+        tokenizer = nnx.merge(self.vq_graphdef, frozen["vq"])
+        images = generate(model, tokenizer, labels, key, cfg=s.cfg, top_k=s.top_k,
                           top_p=s.top_p, more_smooth=s.more_smooth)
         return tokenizer_recipe.image_grid(images, rows=num_classes)
 
