@@ -24,7 +24,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,9 +38,7 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN/Inf; no checkpoint is written after."""
 
 
-def _log(msg: str) -> None:
-    logging.info(msg)
-    print(msg, flush=True)
+_log = metrics_lib.echo  # each message once on the terminal (and in the absl log file)
 
 
 def make_train_iterator(config, batch_size: int) -> data_lib.DataIterator:
