@@ -28,11 +28,11 @@ BARS = {"tokenizer_psnr": (">=", 24.5), "class_accuracy_default_cfg": (">=", 0.9
         "class_accuracy_cfg0": (">=", 0.85), "frechet_default_cfg": ("<=", 10.0),
         "total_minutes": ("<=", 25.0)}
 
-# (name, seconds on an idle 2-core machine with the default config): the ETA is these times
-# scaled by how fast this machine ran the phases done so far.
-PHASES = (("tokenizer training", 240.0), ("VAR training (token cache, steps)", 540.0),
-          ("test-set evaluation", 40.0), ("classifier", 60.0),
-          ("samples, scores and pictures", 120.0))
+# (name, estimated seconds on an idle 2-core machine with the default config, from per-step
+# timings): the ETA is these times scaled by how fast this machine ran the phases done so far.
+PHASES = (("tokenizer training", 410.0), ("VAR training (token cache, steps)", 750.0),
+          ("test-set evaluation", 40.0), ("classifier", 45.0),
+          ("samples, scores and pictures", 110.0))
 
 
 def _log(msg: str) -> None:
