@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
 
     c.tokenizer.model = dict(
         image_size=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, use_attn=False,
-        use_mid_attn=False, z_channels=16, vocab_size=256, patch_nums=PATCH_NUMS,
+        use_mid_attn=False, z_channels=16, vocab_size=512, patch_nums=PATCH_NUMS,
         norm_groups=8)
     c.tokenizer.steps = 1000
     c.tokenizer.usage_decay = 0.97
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     c.tokenizer.eval_examples = 2000
 
     c.var.model = dict(
-        depth=6, width=192, num_heads=3, patch_nums=PATCH_NUMS, vocab_size=256, cvae=16,
+        depth=6, width=192, num_heads=3, patch_nums=PATCH_NUMS, vocab_size=512, cvae=16,
         num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.1, init_alng=1e-3)
     c.var.steps = 900
     c.var.cache_tokens = True
