@@ -109,7 +109,8 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         extra = " ".join(f"{k}={_scalar(v):.4g}" for k, v in metrics.items()
                          if k != "loss" and np.asarray(v).size == 1)
+        eta_text = f"ETA {eta / 60:.1f} min" if rate > 0 else "ETA -"
         msg = (f"[{self.name}] step {step}/{self.total} loss={_scalar(metrics['loss']):.4f} "
-               f"{rate:.2f} steps/s ETA {eta / 60:.1f} min {extra}")
+               f"{rate:.2f} steps/s {eta_text} {extra}")
         echo(msg)
         return msg
