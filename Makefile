@@ -6,9 +6,15 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint bench-attention clean
 
+# The demo needs the package alone; the tests add the dev tools and torch (parity tests read
+# .pth files). Each stamp records what its target installed into the one .venv.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[dev,torch]'
 	touch $@
 
@@ -23,10 +29,10 @@ fashion-mnist:
 demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/python scripts/demo.py --workdir=$(WORKDIR)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed-test
 	$(BIN)/ruff check var_jax scripts configs tests
 
 bench-attention: $(BIN)/.installed

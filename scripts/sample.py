@@ -27,6 +27,7 @@ except ImportError:  # run from a checkout without installing the package
 import jax  # noqa: E402
 
 from var_jax import pretrained  # noqa: E402
+from var_jax.evaluate import figures  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
@@ -61,21 +62,19 @@ def main(argv):
     del argv
     pipe = load()
     classes = [int(c) for c in FLAGS.classes]
-    labels = np.repeat(classes, FLAGS.per_class)
-    images = []
-    for i, begin in enumerate(range(0, len(labels), FLAGS.batch_size)):
-        batch = labels[begin:begin + FLAGS.batch_size]
+    num_batches = -(-len(classes) * FLAGS.per_class // FLAGS.batch_size)
+
+    def sample_batch(labels, i):
         start = time.perf_counter()
-        out = pipe.sample(batch, seed=FLAGS.seed + i, cfg=FLAGS.cfg, top_k=FLAGS.top_k,
+        out = pipe.sample(labels, seed=FLAGS.seed + i, cfg=FLAGS.cfg, top_k=FLAGS.top_k,
                           top_p=FLAGS.top_p, more_smooth=FLAGS.more_smooth)
-        images.append(np.asarray(jax.device_get(out), np.float32))
-        print(f"batch {i + 1}/{-(-len(labels) // FLAGS.batch_size)}: {len(batch)} images in "
+        out = np.asarray(jax.device_get(out), np.float32)
+        print(f"batch {i + 1}/{num_batches}: {len(labels)} images in "
               f"{time.perf_counter() - start:.2f} s", flush=True)
-    grid = np.concatenate(images)
-    _, h, w, _ = grid.shape
-    grid = grid.reshape(len(classes), FLAGS.per_class, h, w, 3).transpose(0, 2, 1, 3, 4)
-    grid = grid.reshape(len(classes) * h, FLAGS.per_class * w, 3)
-    Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(FLAGS.out)
+        return out
+
+    _, grid = figures.class_grid(sample_batch, classes, FLAGS.per_class, FLAGS.batch_size)
+    Image.fromarray(grid).save(FLAGS.out)
     print(f"wrote {FLAGS.out} ({len(classes)} x {FLAGS.per_class} images)")
 
 

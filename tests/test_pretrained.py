@@ -10,18 +10,16 @@ from var_jax.models.var import VARConfig
 
 
 @pytest.fixture(scope="module")
-def official(official_tiny_dir):
-    """The depth-2 official VAR + ch=32 VQ-VAE, loaded once for the module (no torch)."""
-    pipe = pretrained.load_official(official_tiny_dir / "vae_state_dict.npz",
-                                    official_tiny_dir / "var_state_dict.npz")
-    vectors = dict(np.load(official_tiny_dir / "vectors.npz"))
-    maps = [vectors[f"indices_scale{k}"] for k in range(len(vectors["patch_nums"]))]
-    return pipe, vectors, maps
+def official(official_int8):
+    """The depth-2 official VAR + ch=32 VQ-VAE, loaded once for the module from .npz files
+    (no torch)."""
+    pipe = pretrained.load_official(official_int8.npz("vae"), official_int8.npz("var"))
+    return pipe, official_int8.vectors, official_int8.index_maps
 
 
 @pytest.fixture(scope="module")
-def var_sd(official_tiny_dir):
-    return common.load_state_dict_file(official_tiny_dir / "var_state_dict.npz")
+def var_sd(official_int8):
+    return common.load_state_dict_file(official_int8.npz("var"))
 
 
 def test_inferred_architectures(official):
@@ -55,7 +53,7 @@ def test_teacher_forced_logits_match_official(official):
     np.testing.assert_allclose(x, vectors["teacher_forcing_inputs_BxLm1xC"], atol=1e-5)
     logits = np.asarray(pipe.logits(vectors["labels"], maps))
     assert logits.shape == (2, 680, 4096) and logits.dtype == np.float32
-    np.testing.assert_allclose(logits[..., :256], vectors["logits_first256_BxLx256"], atol=1e-5,
+    np.testing.assert_allclose(logits[..., :64], vectors["logits_first64_BxLx64"], atol=1e-5,
                                rtol=1e-5)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     np.testing.assert_allclose(lse, vectors["logsumexp_BxL"], atol=1e-5, rtol=1e-5)
@@ -73,9 +71,8 @@ def test_greedy_samples_match_official(official):
     assert close.mean() > 0.99, f"max diff {np.abs(images - want).max()}"
 
 
-def test_pth_and_npz_give_the_same_parameters(official_tiny_dir, var_sd):
-    pytest.importorskip("torch")
-    from_pth = common.load_state_dict_file(official_tiny_dir / "var.pth")
+def test_pth_and_npz_give_the_same_parameters(official_int8, var_sd):
+    from_pth = common.load_state_dict_file(official_int8.pth("var"))
     assert set(from_pth) == set(var_sd)
     for key, value in var_sd.items():
         np.testing.assert_array_equal(from_pth[key], value, err_msg=key)
@@ -116,38 +113,37 @@ def test_conversion_refuses_bad_state_dicts(var_sd):
         var_convert.load_var_state_dict(model, transposed)
 
 
-def test_checkpoint_of_another_architecture_is_refused(var_sd, official_tiny_dir):
+def test_checkpoint_of_another_architecture_is_refused(var_sd, official_int8):
     for expected, field in ((VARConfig.official(3, vocab_size=4096), "depth"),
                             (VARConfig(depth=2, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
                              "schedule")):
         with pytest.raises(ValueError, match=field):
             var_convert.check_config(expected, var_sd)
     with pytest.raises(ValueError, match="depth"):
-        pretrained.load_official(official_tiny_dir / "vae_state_dict.npz", var_sd,
+        pretrained.load_official(official_int8.npz("vae"), var_sd,
                                  var_config=VARConfig.official(16))
     deeper, _ = _model_for(var_sd, depth=3)
     with pytest.raises(ValueError, match=r"missing keys: 'blocks\.2\."):
         var_convert.load_var_state_dict(deeper, var_sd)
 
 
-def test_unreadable_files_are_refused(tmp_path, official_tiny_dir):
+def test_unreadable_files_are_refused(tmp_path, official_int8):
     truncated = tmp_path / "var.npz"
-    truncated.write_bytes((official_tiny_dir / "var_state_dict.npz").read_bytes()[:100_000])
+    truncated.write_bytes((official_int8.npz("var")).read_bytes()[:100_000])
     with pytest.raises(ValueError, match="var.npz"):
-        pretrained.load_official(official_tiny_dir / "vae_state_dict.npz", truncated)
+        pretrained.load_official(official_int8.npz("vae"), truncated)
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    pytest.importorskip("torch")
     with pytest.raises(ValueError, match="notes.pth"):
-        pretrained.load_official(official_tiny_dir / "vae_state_dict.npz", text)
+        pretrained.load_official(official_int8.npz("vae"), text)
     cut = tmp_path / "cut.pth"
-    cut.write_bytes((official_tiny_dir / "var.pth").read_bytes()[:200_000])
+    cut.write_bytes(official_int8.pth("var").read_bytes()[:200_000])
     with pytest.raises(ValueError, match="cut.pth"):
-        pretrained.load_official(official_tiny_dir / "vae_state_dict.npz", cut)
+        pretrained.load_official(official_int8.npz("vae"), cut)
     # A VQ-VAE file where the VAR belongs: no blocks.
     with pytest.raises(ValueError, match="blocks"):
-        pretrained.load_official(official_tiny_dir / "vae_state_dict.npz",
-                                 official_tiny_dir / "vae_state_dict.npz")
+        pretrained.load_official(official_int8.npz("vae"),
+                                 official_int8.npz("vae"))
 
 
 def test_bad_pipeline_inputs(official):

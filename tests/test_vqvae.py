@@ -23,12 +23,12 @@ def test_released_parameter_count():
 
 
 @pytest.fixture(scope="module")
-def official(official_tiny_dir):
+def official(official_int8):
     """The ch=32 official VQ-VAE loaded from .npz, run once (jitted) on the reference images."""
     cfg = vqvae.VQVAEConfig.released(ch=32)
-    assert vqvae_config_from_state_dict(official_tiny_dir / "vae_state_dict.npz") == cfg
-    model = vqvae_from_state_dict(cfg, official_tiny_dir / "vae_state_dict.npz")
-    vectors = dict(np.load(official_tiny_dir / "vectors.npz"))
+    assert vqvae_config_from_state_dict(official_int8.npz("vae")) == cfg
+    model = vqvae_from_state_dict(cfg, official_int8.npz("vae"))
+    vectors = official_int8.vectors
 
     @nnx.jit
     def run(model, images):
@@ -59,13 +59,12 @@ def test_official_teacher_forcing_and_decode(official):
 
 
 @pytest.mark.torch
-def test_official_pth_loads_through_torch(official_tiny_dir, official):
-    pytest.importorskip("torch")
+def test_official_pth_loads_through_torch(official_int8, official):
     model = official[0]
-    from_pth = common.load_state_dict_file(official_tiny_dir / "vae.pth")
-    from_npz = common.load_state_dict_file(official_tiny_dir / "vae_state_dict.npz")
+    from_pth = common.load_state_dict_file(official_int8.pth("vae"))
+    from_npz = common.load_state_dict_file(official_int8.npz("vae"))
     assert from_pth.keys() == from_npz.keys()
-    other = vqvae_from_state_dict(model.config, official_tiny_dir / "vae.pth")
+    other = vqvae_from_state_dict(model.config, official_int8.pth("vae"))
     mine, theirs = nnx.state(model, nnx.Param), nnx.state(other, nnx.Param)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -224,10 +223,10 @@ def test_bad_images_and_configs(tiny):
 
 
 @pytest.mark.torch
-def test_truncated_or_foreign_pth_is_refused(tmp_path, official_tiny_dir):
+def test_truncated_or_foreign_pth_is_refused(tmp_path, official_int8):
     torch = pytest.importorskip("torch")
     truncated = tmp_path / "vae.pth"
-    truncated.write_bytes((official_tiny_dir / "vae.pth").read_bytes()[:4096])
+    truncated.write_bytes(official_int8.pth("vae").read_bytes()[:4096])
     with pytest.raises(ValueError, match="truncated"):
         common.load_state_dict_file(truncated)
     foreign = tmp_path / "list.pth"

@@ -1,5 +1,6 @@
-"""The end-to-end demo behind scripts/demo.py: both training stages, the classifier and the
-sample evaluation, with every figure written to `<workdir>/demo_report.json`."""
+"""The end-to-end demo behind scripts/demo.py: both training stages, the classifier, the sample
+evaluation and four pictures. Every figure goes to `<workdir>/demo_report.json`; the terminal
+gets the phases (with their time and the ETA of the run) and a short summary table."""
 
 from __future__ import annotations
 
@@ -8,21 +9,61 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from PIL import Image
 
 from var_jax import data as data_lib
+from var_jax import sampling
 from var_jax.data import fashion_mnist
 from var_jax.evaluate import classifier as classifier_lib
-from var_jax.evaluate import sample_metrics
+from var_jax.evaluate import figures, sample_metrics
 from var_jax.train import config as config_lib
 from var_jax.train import runner, tokenizer_recipe, var_recipe
+from var_jax.train.metrics import echo
+
+# What the demo is measured against (issue 10): the figures a new user should see.
+BARS = {"tokenizer_psnr": (">=", 24.5), "class_accuracy_default_cfg": (">=", 0.95),
+        "class_accuracy_cfg0": (">=", 0.85), "frechet_default_cfg": ("<=", 10.0),
+        "total_minutes": ("<=", 25.0)}
+
+# (name, estimated seconds on an idle 2-core machine with the default config, from per-step
+# timings): the ETA is these times scaled by how fast this machine ran the phases done so far.
+PHASES = (("tokenizer training", 410.0), ("VAR training (token cache, steps)", 750.0),
+          ("test-set evaluation", 40.0), ("classifier", 45.0),
+          ("samples, scores and pictures", 110.0))
 
 
 def _log(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    echo(f"[demo] {msg}")
+
+
+class PhaseClock:
+    """Names each phase with its number, its time and the ETA of the whole run."""
+
+    def __init__(self, phases=PHASES):
+        self.phases = phases
+        self.t0 = time.time()
+        self.done_ref, self.index, self._start = 0.0, -1, None
+        self.seconds: dict[str, float] = {}
+
+    def start(self, i: int) -> None:
+        self.index, self._start = i, time.time()
+        name = self.phases[i][0]
+        elapsed = self._start - self.t0
+        rest = sum(ref for _, ref in self.phases[i:])
+        speed = elapsed / self.done_ref if self.done_ref else 1.0
+        _log(f"phase {i + 1}/{len(self.phases)}: {name} (elapsed {elapsed / 60:.1f} min, "
+             f"about {rest * speed / 60:.1f} min left)")
+
+    def end(self) -> float:
+        name, ref = self.phases[self.index]
+        took = time.time() - self._start
+        self.seconds[name] = took
+        self.done_ref += ref
+        _log(f"phase {self.index + 1}/{len(self.phases)}: {name} done in {took / 60:.1f} min")
+        return took
 
 
 def get_classifier(config, workdir: str, test_images, test_labels):
@@ -50,8 +91,61 @@ def get_classifier(config, workdir: str, test_images, test_labels):
     return model, classifier_lib.accuracy(model, test_images, test_labels)
 
 
+def write_pictures(config, workdir: str, model, vqvae, test_images, sweep_images: dict,
+                   key) -> dict:
+    """The four pictures, as PNGs in `workdir` and images in `<workdir>/tb` (TensorBoard).
+
+    sweep_images[cfg]: the evaluation samples at each cfg (class-major, the same key at every
+    cfg), from which the guidance sweep shows the first two of each class.
+    """
+    from tensorboardX import SummaryWriter
+
+    s = config.sample
+    num_classes = config_lib.var_config(config).num_classes
+    names = data_lib.make_source(config.data, "test").class_names
+    options = dict(top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+    paths, rendered = {}, {}
+
+    _, grid = var_recipe.class_grid(model, vqvae, num_classes, s.per_class, key, cfg=s.cfg,
+                                    **options)
+    fig = figures.class_grid_figure(grid, names, title=f"VAR samples, cfg {s.cfg:g}")
+    paths["class_grid"] = os.path.join(workdir, "samples_grid.png")
+    rendered["class_grid"] = figures.save_figure(fig, paths["class_grid"])
+
+    # One sample per class; its token maps give the running f_hat after each scale.
+    maps, _ = sampling.sample(model, vqvae, np.arange(num_classes, dtype=np.int32),
+                              key=jax.random.fold_in(key, 1), cfg=s.cfg, **options)
+    steps = figures.coarse_to_fine_images(vqvae, maps)
+    fig = figures.coarse_to_fine_figure(steps, vqvae.config.patch_nums, names,
+                                        title="decoded after each scale (next-scale prediction)")
+    paths["coarse_to_fine"] = os.path.join(workdir, "coarse_to_fine.png")
+    rendered["coarse_to_fine"] = figures.save_figure(fig, paths["coarse_to_fine"])
+
+    per = min(2, s.eval_per_class)
+    chosen = np.concatenate([np.arange(c * s.eval_per_class, c * s.eval_per_class + per)
+                             for c in range(num_classes)])
+    fig = figures.guidance_sweep_figure({c: x[chosen] for c, x in sweep_images.items()}, per,
+                                        names, title="the same seeds at each guidance scale")
+    paths["guidance_sweep"] = os.path.join(workdir, "guidance_sweep.png")
+    rendered["guidance_sweep"] = figures.save_figure(fig, paths["guidance_sweep"])
+
+    batch = test_images[:config.data.eval_batch_size]  # the evaluation's compiled batch size
+    recon = np.asarray(tokenizer_recipe._eval_batch(vqvae, jnp.asarray(batch))[3])
+    n = min(10, len(batch))
+    fig = figures.reconstruction_figure(batch[:n] * 0.5 + 0.5, recon[:n] * 0.5 + 0.5,
+                                        title="tokenizer: test images and reconstructions")
+    paths["reconstructions"] = os.path.join(workdir, "reconstructions.png")
+    rendered["reconstructions"] = figures.save_figure(fig, paths["reconstructions"])
+
+    tb = SummaryWriter(os.path.join(workdir, "tb"))
+    for name, image in rendered.items():
+        tb.add_image(f"demo/{name}", image, 0, dataformats="HWC")
+    tb.close()
+    return {k: os.path.abspath(v) for k, v in paths.items()}
+
+
 def run_demo(config, workdir: str) -> dict:
-    t0 = time.time()
+    clock = PhaseClock()
     os.makedirs(workdir, exist_ok=True)
     if config.data.source == "fashion_mnist" and not fashion_mnist.available(
             config.data.root or fashion_mnist.DEFAULT_ROOT):
@@ -59,80 +153,110 @@ def run_demo(config, workdir: str) -> dict:
              "falling back to scikit-learn digits")
         config.data.source = "digits"  # digits are Lanczos-resized to data.image_size
     config_lib.validate(config, num_devices=jax.device_count())
-    times, report = {}, {"data": config.data.source}
+    report = {"data": config.data.source}
 
-    t = time.time()
+    clock.start(0)
     tok = runner.run_stage(config, workdir, "tokenizer")
-    times["tokenizer_s"] = time.time() - t
-    t = time.time()
+    clock.end()
+    clock.start(1)
     var = runner.run_stage(config, workdir, "var")
-    times["var_s"] = time.time() - t
+    clock.end()
 
+    clock.start(2)
     vqvae = var_recipe.load_trained_tokenizer(config, tok["dir"])
     model = var_recipe.load_trained_var(config, vqvae, var["dir"])
     test_images, test_labels = tokenizer_recipe.load_eval_images(config, config.data.num_eval)
     # Full-test-set figures for both stages (the in-training evaluations use a subset).
-    t = time.time()
     report["tokenizer"] = tokenizer_recipe.evaluate_tokenizer(
         vqvae, test_images, config.data.eval_batch_size)
     recipe = var_recipe.VARRecipe(config, vqvae)
     report["var"] = var_recipe.evaluate_nll(recipe, model, recipe.frozen(), test_images,
                                             test_labels, config.data.eval_batch_size)
-    times["eval_s"] = time.time() - t
+    clock.end()
     _log(f"tokenizer test PSNR {report['tokenizer']['psnr']:.2f} dB, code usage "
          f"{report['tokenizer']['code_usage_mean']:.3f}; VAR test token NLL "
          f"{report['var']['token_nll']:.4f}")
 
-    t = time.time()
+    clock.start(3)
     classifier, acc = get_classifier(config, workdir, test_images, test_labels)
-    times["classifier_s"] = time.time() - t
+    clock.end()
     report["classifier_test_accuracy"] = acc
     _log(f"classifier test accuracy {acc:.4f}")
 
+    clock.start(4)
     s = config.sample
     num_classes = recipe.model_config.num_classes
     key = jax.random.key(config.seed + 123)
-    t = time.time()
-    labels = np.repeat(np.arange(num_classes), s.per_class)
-    grid_images = var_recipe.generate(model, vqvae, labels, key, cfg=s.cfg, top_k=s.top_k,
-                                      top_p=s.top_p, more_smooth=s.more_smooth)
-    grid = tokenizer_recipe.image_grid(grid_images, rows=num_classes)
-    grid_path = os.path.join(workdir, "samples_grid.png")
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
-                                 Image.Resampling.NEAREST).save(grid_path)
-
     labels = np.repeat(np.arange(num_classes), s.eval_per_class)
     real = test_images[:len(labels)]
     sweep = sorted(set(float(x) for x in s.cfg_sweep) | {float(s.cfg)})
     report["samples"] = {"per_class": s.eval_per_class, "top_k": s.top_k, "top_p": s.top_p,
                          "default_cfg": s.cfg, "by_cfg": {}}
+    sweep_images = {}
     for cfg in sweep:
-        images = var_recipe.generate(model, vqvae, labels, jax.random.fold_in(key, int(cfg * 100)),
-                                     cfg=cfg, top_k=s.top_k, top_p=s.top_p,
-                                     more_smooth=s.more_smooth)
+        # The same key at every cfg: the sweep compares guidance scales on the same seeds.
+        images = var_recipe.generate(model, vqvae, labels, jax.random.fold_in(key, 2), cfg=cfg,
+                                     top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+        sweep_images[cfg] = images
         entry = {"class_accuracy": sample_metrics.conditional_accuracy(classifier, images,
                                                                        labels),
                  "frechet_classifier": sample_metrics.classifier_frechet(classifier, real,
                                                                          images)}
         report["samples"]["by_cfg"][str(cfg)] = entry
-        _log(f"cfg {cfg}: sample class accuracy {entry['class_accuracy']:.4f}, Frechet "
+        _log(f"cfg {cfg:g}: sample class accuracy {entry['class_accuracy']:.4f}, Frechet "
              f"distance (classifier features) {entry['frechet_classifier']:.3f}")
     real_fd = sample_metrics.classifier_frechet(
         classifier, test_images[len(labels):2 * len(labels)], real * 0.5 + 0.5)
     report["samples"]["frechet_real_vs_real"] = real_fd
-    times["sampling_s"] = time.time() - t
-    times["total_s"] = time.time() - t0
-    report["times"] = times
+    pictures = write_pictures(config, workdir, model, vqvae, test_images, sweep_images, key)
+    clock.end()
+
+    report["times"] = {name: round(t, 1) for name, t in clock.seconds.items()}
+    report["times"]["total_s"] = round(time.time() - clock.t0, 1)
     report["train_summaries"] = {"tokenizer": tok, "var": var}
     report["outputs"] = {
-        "sample_grid": os.path.abspath(grid_path),
+        **pictures,
         "report": os.path.abspath(os.path.join(workdir, "demo_report.json")),
         "tokenizer_metrics": os.path.abspath(os.path.join(tok["dir"], "metrics.jsonl")),
         "var_metrics": os.path.abspath(os.path.join(var["dir"], "metrics.jsonl")),
-        "tokenizer_checkpoints": os.path.abspath(os.path.join(tok["dir"], "checkpoints")),
-        "var_checkpoints": os.path.abspath(os.path.join(var["dir"], "checkpoints")),
+        "checkpoints": os.path.abspath(os.path.join(workdir, "{tokenizer,var}", "checkpoints")),
         "tensorboard": os.path.abspath(workdir),
     }
     with open(report["outputs"]["report"], "w") as f:
         json.dump(report, f, indent=1, default=str)
     return report
+
+
+def headline(report: dict) -> dict:
+    """The figures that BARS measures, from a demo report."""
+    by_cfg = report["samples"]["by_cfg"]
+    default = by_cfg[str(float(report["samples"]["default_cfg"]))]
+    out = {"tokenizer_psnr": report["tokenizer"]["psnr"],
+           "class_accuracy_default_cfg": default["class_accuracy"],
+           "class_accuracy_cfg0": by_cfg.get("0.0", {}).get("class_accuracy", float("nan")),
+           "frechet_default_cfg": default["frechet_classifier"],
+           "total_minutes": report["times"]["total_s"] / 60}
+    return out
+
+
+def summary_table(report: dict) -> str:
+    """A few lines for the terminal: each headline figure against its bar, then the files."""
+    rows = [("figure", "value", "bar", "")]
+    fmt = {"tokenizer_psnr": "{:.2f} dB", "total_minutes": "{:.1f} min"}
+    for name, value in headline(report).items():
+        op, bar = BARS[name]
+        ok = value >= bar if op == ">=" else value <= bar
+        rows.append((name, fmt.get(name, "{:.3f}").format(value), f"{op} {bar:g}",
+                     "ok" if ok else "below the bar"))
+    rows.append(("frechet_real_vs_real", f"{report['samples']['frechet_real_vs_real']:.3f}",
+                 "(reference)", ""))
+    for cfg, entry in report["samples"]["by_cfg"].items():
+        rows.append((f"cfg {float(cfg):g}: accuracy / Frechet",
+                     f"{entry['class_accuracy']:.3f} / {entry['frechet_classifier']:.2f}", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.extend(f"{name:>18}: {path}" for name, path in report["outputs"].items())
+    return "\n".join(lines)

@@ -87,9 +87,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _log(msg: str) -> None:
-    logging.info(msg)
+    """Process 0 shows each message once on the terminal (``metrics.echo``); others log it."""
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        metrics_lib.echo(msg)
+    else:
+        logging.info(msg)
 
 
 def make_train_iterator(config, batch_size: int, mesh=None) -> data_lib.DataIterator:

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import logging
+
+
+def echo(msg: str) -> None:
+    """Prints `msg` once on the terminal and keeps it in the absl log: logged only when absl
+    writes to a file (scripts/demo.py sends it to <workdir>/logs), so that a terminal that
+    also shows absl's stderr stream never sees the line twice."""
+    print(msg, flush=True)
+    stream = getattr(logging.get_absl_handler().python_handler, "stream", None)
+    if stream not in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+        logging.info(msg)
 
 
 def _scalar(v):
@@ -98,8 +109,8 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         extra = " ".join(f"{k}={_scalar(v):.4g}" for k, v in metrics.items()
                          if k != "loss" and np.asarray(v).size == 1)
+        eta_text = f"ETA {eta / 60:.1f} min" if rate > 0 else "ETA -"
         msg = (f"[{self.name}] step {step}/{self.total} loss={_scalar(metrics['loss']):.4f} "
-               f"{rate:.2f} steps/s ETA {eta / 60:.1f} min {extra}")
-        logging.info(msg)
-        print(msg, flush=True)
+               f"{rate:.2f} steps/s {eta_text} {extra}")
+        echo(msg)
         return msg

@@ -17,6 +17,7 @@ from flax import nnx
 
 from var_jax import data as data_lib
 from var_jax import quantizer
+from var_jax.evaluate.figures import tile as image_grid  # noqa: F401  (the recipes' grids)
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
 from var_jax.train import loop, optim
@@ -160,18 +161,3 @@ def evaluate_tokenizer(vqvae: VQVAE, images: np.ndarray, batch_size: int) -> dic
     for k, u in enumerate(usage):
         out[f"code_usage_scale{k}"] = float(u)
     return out
-
-
-def image_grid(images_NxHxWx3, rows: int, value_range=(0.0, 1.0), pad: int = 2) -> np.ndarray:
-    """Tiles N images into `rows` rows -> uint8 (H', W', 3)."""
-    lo, hi = value_range
-    x = (np.asarray(images_NxHxWx3, np.float32) - lo) / (hi - lo)
-    x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    n, h, w, c = x.shape
-    cols = -(-n // rows)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = x[i]
-    return grid

@@ -21,6 +21,7 @@ from flax import nnx
 
 from var_jax import data as data_lib
 from var_jax import scales
+from var_jax.evaluate import figures
 from var_jax.models import var as var_lib
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
@@ -148,12 +149,10 @@ class VARRecipe(loop.RecipeDefaults):
     def sample_grid(self, model: var_lib.VAR, frozen, key) -> np.ndarray:
         s = self.config.sample
         num_classes = self.model_config.num_classes
-        labels = np.repeat(np.arange(num_classes), s.per_class)
         # The frozen copy lives where the model does (the mesh), unlike self.tokenizer.
         tokenizer = nnx.merge(self.vq_graphdef, frozen["vq"])
-        images = generate(model, tokenizer, labels, key, cfg=s.cfg, top_k=s.top_k,
-                          top_p=s.top_p, more_smooth=s.more_smooth)
-        return tokenizer_recipe.image_grid(images, rows=num_classes)
+        return class_grid(model, tokenizer, num_classes, s.per_class, key, cfg=s.cfg,
+                          top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)[1]
 
 
 def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: int) -> dict:
@@ -181,6 +180,15 @@ def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: i
         out[f"token_nll_scale{k}"] = float(m["nll_per_scale"][k])
         out[f"token_acc_scale{k}"] = float(m["acc_per_scale"][k])
     return out
+
+
+def class_grid(model, tokenizer, num_classes: int, per_class: int, key, **sample_options
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` samples of each class, one class per row: (images (N, H, W, 3) in [0, 1],
+    grid uint8). The same key gives the same grid (in the recipe and in the demo)."""
+    return figures.class_grid(
+        lambda labels, i: generate(model, tokenizer, labels, jax.random.fold_in(key, i),
+                                   **sample_options), range(num_classes), per_class)
 
 
 def generate(model, tokenizer, labels, key, *, cfg: float, top_k: int, top_p: float,
