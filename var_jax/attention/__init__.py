@@ -23,13 +23,14 @@ from var_jax.attention.decode import DecodeState, decode_scale, init_decode_stat
 from var_jax.attention.registry import (
     backend_names,
     check_backend_options,
+    full_attention,
     resolve_auto,
     sampling_backend_names,
 )
 
 __all__ = ["block_causal_attention", "plan", "Plan", "init_decode_state", "decode_scale",
            "DecodeState", "BACKENDS", "backend_names", "sampling_backend_names",
-           "check_backend_options", "resolve_auto", "option_defaults"]
+           "check_backend_options", "resolve_auto", "full_attention", "option_defaults"]
 
 BACKENDS = backend_names()
 

@@ -53,7 +53,7 @@ def init_decode_state(backend, batch, num_heads, head_dim, patch_nums, *, dtype=
         requested = (backend, _frozen(opts))
         backend, chosen = spec.resolve(head_dim, layout, opts)
         spec, opts = registry.get(backend), registry.complete_options(backend, chosen)
-    arrays = spec.init(batch, num_heads, head_dim, layout, dtype, rng, opts)
+    arrays = spec.init(batch, num_heads, head_dim, layout.seq_len, dtype, rng, opts)
     return DecodeState(arrays, backend, sides, _frozen(opts), requested)
 
 

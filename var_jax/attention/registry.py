@@ -86,7 +86,7 @@ class Backend:
     """One attention backend.
 
     full(q, k, v, layout, rng, opts) -> out (B, L, H, D) in q's dtype.
-    init(batch, heads, head_dim, layout, dtype, rng, opts) -> dict of state arrays.
+    init(batch, heads, head_dim, seq_len, dtype, rng, opts) -> dict of state arrays.
     step(arrays, q, k, v, begin, end, opts) -> (out (B, l, H, D) in q's dtype, new arrays).
     resolve(head_dim, layout, opts) -> (backend name, opts) for a backend that delegates.
     ``opts`` is always the complete option dict (defaults filled in, checked).
@@ -111,9 +111,9 @@ class Backend:
 
 # --- exact / flash: KV cache --------------------------------------------------------------------
 
-def _kv_init(batch, heads, head_dim, layout, dtype, rng, opts):
+def _kv_init(batch, heads, head_dim, seq_len, dtype, rng, opts):
     del rng, opts
-    cache = jnp.zeros((batch, layout.seq_len, heads, head_dim), dtype)
+    cache = jnp.zeros((batch, seq_len, heads, head_dim), dtype)
     return {"k": cache, "v": cache}
 
 
@@ -193,8 +193,8 @@ def _low_rank(make_map, draw):
                                     opts["group_tokens"])
         return out.astype(q.dtype)
 
-    def init(batch, heads, head_dim, layout, dtype, rng, opts):
-        del layout, dtype
+    def init(batch, heads, head_dim, seq_len, dtype, rng, opts):
+        del seq_len, dtype
         arrays = draw(head_dim, rng, opts)
         fmap = make_map(head_dim, opts, arrays)
         return dict(arrays, sums=prefix.init_sums(batch, heads, fmap.num_features, head_dim))
@@ -313,3 +313,26 @@ def complete_options(backend, options) -> dict:
     """Checked options with every default filled in."""
     check_backend_options(backend, options)
     return dict(get(backend).defaults, **dict(options))
+
+
+def full_attention(q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, *, backend="exact", rng=None, **options):
+    """Plain (unmasked) softmax attention of N queries over N keys with a registered backend.
+
+    One scale of the decoder with an empty state: exact / flash attend to the whole cache, poly /
+    favor absorb every key and read every query, so each backend's own approximation applies.
+    "auto" asks `plan` with seq_len = N and no schedule (exact cost counted as N^2 / 2 pairs,
+    which errs toward exact). Used by the VQ-VAE's mid-block attention over all n^2 positions.
+    """
+    batch, seq_len, heads, head_dim = q_BxNxHxD.shape
+    if k_BxNxHxD.shape != q_BxNxHxD.shape or v_BxNxHxD.shape[:3] != q_BxNxHxD.shape[:3]:
+        raise ValueError(f"q, k, v must be (B, N, H, D) with equal (B, N, H) and q, k in D, got "
+                         f"{q_BxNxHxD.shape}, {k_BxNxHxD.shape}, {v_BxNxHxD.shape}")
+    opts = complete_options(backend, options)
+    if backend == "auto":
+        eps = 1.0 / seq_len if opts["eps"] is None else opts["eps"]
+        chosen = criterion.plan(opts["logit_bound"], head_dim, seq_len, eps)
+        backend, opts = chosen.backend, complete_options(chosen.backend, chosen.options)
+    spec = get(backend)
+    arrays = spec.init(batch, heads, head_dim, seq_len, k_BxNxHxD.dtype, rng, opts)
+    out, _ = spec.step(arrays, q_BxNxHxD, k_BxNxHxD, v_BxNxHxD, 0, seq_len, opts)
+    return out

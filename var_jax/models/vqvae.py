@@ -16,13 +16,14 @@ initialisation uses Flax defaults (the official weights are loaded, not re-initi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax import quantizer, scales
+from var_jax import attention, quantizer, scales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +50,26 @@ class VQVAEConfig:
     # Matmul/conv precision. "highest" keeps float32 on GPUs/TPUs, where the default (TF32 /
     # bf16 passes) flips tokens against the official float32 model; None for the faster default.
     precision: str | None = "highest"
+    # The decoder's attention blocks (mid block and lowest-res level, over all n^2 latent
+    # positions: an n^4 term of generation) can use a low-rank backend of `var_jax.attention`
+    # ("poly", "favor", "auto" with logit_bound, ...); "exact" is the official computation.
+    decoder_attn_backend: str = "exact"
+    decoder_attn_options: tuple = ()
+    decoder_attn_seed: int = 0  # favor's random features
 
     def __post_init__(self):
         # Accept lists (ml_collections, JSON) and normalise to tuples so the config hashes.
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "patch_nums", scales.validate_schedule(self.patch_nums))
+        opts = self.decoder_attn_options
+        opts = tuple(sorted(opts.items())) if isinstance(opts, Mapping) else tuple(
+            tuple(kv) for kv in opts)
+        object.__setattr__(self, "decoder_attn_options", opts)
+        try:
+            attention.check_backend_options(self.decoder_attn_backend, opts)
+        except ValueError as err:
+            raise ValueError(f"VQVAEConfig.decoder_attn_backend / decoder_attn_options: {err}"
+                             ) from err
         for name in ("image_size", "in_channels", "ch", "num_res_blocks", "z_channels",
                      "vocab_size", "num_phi", "quant_conv_kernel", "norm_groups"):
             value = getattr(self, name)
@@ -155,19 +171,30 @@ class ResnetBlock(nnx.Module):
 class AttnBlock(nnx.Module):
     """Single-head self-attention over all positions, logits scaled by C^-0.5."""
 
-    def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, cfg: VQVAEConfig, *, low_rank: bool = False,
+                 rngs: nnx.Rngs):
         self.norm = _norm(channels, cfg, rngs)
         self.qkv = _conv(channels, 3 * channels, 1, cfg, rngs)
         self.proj_out = _conv(channels, channels, 1, cfg, rngs)
         self.precision = cfg.precision
+        # Static: (backend, options, seed) when a registered backend replaces the softmax.
+        self.backend = ((cfg.decoder_attn_backend, cfg.decoder_attn_options,
+                         cfg.decoder_attn_seed)
+                        if low_rank and cfg.decoder_attn_backend != "exact" else None)
 
     def __call__(self, x):
         batch, height, width, channels = x.shape
         qkv = self.qkv(self.norm(x)).reshape(batch, height * width, 3 * channels)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # torch reshape(B, 3, C, H, W): [q | k | v]
-        logits = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision) * channels ** -0.5
-        h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1), v,
-                       precision=self.precision)
+        if self.backend is None:
+            logits = jnp.einsum("bic,bjc->bij", q, k, precision=self.precision) * channels ** -0.5
+            h = jnp.einsum("bij,bjc->bic", jax.nn.softmax(logits, axis=-1), v,
+                           precision=self.precision)
+        else:  # one head of width C over all positions, the C^-0.5 folded into q
+            name, options, seed = self.backend
+            h = attention.full_attention(q[:, :, None] * channels ** -0.5, k[:, :, None],
+                                         v[:, :, None], backend=name,
+                                         rng=jax.random.key(seed), **dict(options))[:, :, 0]
         return x + self.proj_out(h.reshape(batch, height, width, channels))
 
 
@@ -195,11 +222,11 @@ class Level(nnx.Module):
     """One resolution level: res-blocks (each optionally followed by attention), then resample."""
 
     def __init__(self, cin: int, cout: int, num_blocks: int, attn: bool, resample,
-                 cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+                 cfg: VQVAEConfig, *, low_rank: bool = False, rngs: nnx.Rngs):
         self.block = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs)
                                for i in range(num_blocks)])
-        self.attn = nnx.List([AttnBlock(cout, cfg, rngs=rngs) for _ in range(num_blocks)]
-                             if attn else [])
+        self.attn = nnx.List([AttnBlock(cout, cfg, low_rank=low_rank, rngs=rngs)
+                              for _ in range(num_blocks)] if attn else [])
         resample_module = resample(cout, cfg, rngs=rngs) if resample is not None else None
         if resample is Downsample:
             self.downsample = resample_module
@@ -215,9 +242,11 @@ class Level(nnx.Module):
 
 
 class Mid(nnx.Module):
-    def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, cfg: VQVAEConfig, *, low_rank: bool = False,
+                 rngs: nnx.Rngs):
         self.block_1 = ResnetBlock(channels, channels, cfg, rngs=rngs)
-        self.attn_1 = AttnBlock(channels, cfg, rngs=rngs) if cfg.use_mid_attn else None
+        self.attn_1 = (AttnBlock(channels, cfg, low_rank=low_rank, rngs=rngs)
+                       if cfg.use_mid_attn else None)
         self.block_2 = ResnetBlock(channels, channels, cfg, rngs=rngs)
 
     def __call__(self, h):
@@ -255,12 +284,13 @@ class Decoder(nnx.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         last = len(widths) - 1
         self.conv_in = _conv(cfg.z_channels, widths[-1], 3, cfg, rngs)
-        self.mid = Mid(widths[-1], cfg, rngs=rngs)
+        self.mid = Mid(widths[-1], cfg, low_rank=True, rngs=rngs)
         # up[i] is the level at encoder resolution i (torch fills it with insert(0, ...)); it
         # runs from i = last down to 0 and takes the width of level i + 1 (or the last) as input.
         self.up = nnx.List([
             Level(widths[min(i + 1, last)], widths[i], cfg.num_res_blocks + 1,
-                  cfg.use_attn and i == last, Upsample if i != 0 else None, cfg, rngs=rngs)
+                  cfg.use_attn and i == last, Upsample if i != 0 else None, cfg,
+                  low_rank=True, rngs=rngs)
             for i in range(len(widths))])
         self.norm_out = _norm(widths[0], cfg, rngs)
         self.conv_out = _conv(widths[0], cfg.in_channels, 3, cfg, rngs)
