@@ -21,10 +21,8 @@ import csv
 import datetime
 import math
 import os
-import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -32,13 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-try:
-    import var_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from var_jax import attention, scales  # noqa: E402
-from var_jax.attention import flash, poly  # noqa: E402
+from var_jax import attention, scales
+from var_jax.attention import flash, poly
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "docs", "Directory for the CSV files and PNG plots.")
@@ -97,7 +90,7 @@ def compile_fn(fn, args):
         stats = compiled.memory_analysis()
         peak = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
                 + stats.output_size_in_bytes - stats.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every platform reports it
+    except Exception:
         peak = float("nan")
     return compiled, peak
 
@@ -208,7 +201,7 @@ def time_sweep(on_gpu, dtype):
             try:
                 compiled, peak = compile_fn(backend_fn(name, patch_nums, options.get(name, {})),
                                             args)
-            except Exception as err:  # noqa: BLE001 - e.g. a kernel refusing a shape
+            except Exception as err:
                 row["note"] = f"compile failed: {type(err).__name__}: {str(err)[:80]}"
                 continue
             row["peak_bytes"] = peak
@@ -221,7 +214,7 @@ def time_sweep(on_gpu, dtype):
                 if name != "dense_full":  # a different function: no error vs block-causal
                     out = np.asarray(out.astype(jnp.float32))[:, err_rows]
                     row["err_max"], row["err_rms"] = errors(out, ref, v)
-            except Exception as err:  # noqa: BLE001 - e.g. out of device memory
+            except Exception as err:
                 row["note"] = f"run failed: {type(err).__name__}: {str(err)[:80]}"
                 continue
             print(f"n={n:4d} L={layout.seq_len:6d} {name:10s} {row['time_s'] * 1e3:10.2f} ms "

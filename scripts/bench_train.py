@@ -13,13 +13,9 @@ divides the achieved FLOP/s by --peak_tflops, or by a measured matmul rate on CP
 """
 
 import json
-import os
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _DEPTH = flags.DEFINE_integer("depth", 16, "VAR depth (official sizes: width 64 x depth).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")

@@ -12,23 +12,15 @@ checkpoints ``var/`` and ``vqvae/``; ``var_jax.pretrained.load_converted(out)`` 
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
-try:
-    import var_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from flax import nnx  # noqa: E402
-
-from var_jax import pretrained  # noqa: E402
-from var_jax.models.var import VARConfig  # noqa: E402
+from var_jax import pretrained
+from var_jax.models.var import VARConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("vae", None, "Official VQ-VAE state dict (.pth or .npz).", required=True)

@@ -11,21 +11,20 @@ when Fashion-MNIST is missing.
 """
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from var_jax.train import demo, distributed, preemption  # noqa: E402
+from var_jax import compile_cache
+from var_jax.train import demo, distributed, preemption
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "configs", "demo_fashion_mnist.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 distributed.define_flags()
+compile_cache.define_flag()
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +37,7 @@ def main(argv):
     t = time.time()
     preemption.catch_sigterm()
     distributed.initialize_from_flags()  # before any device work
+    compile_cache.enable(FLAGS.compilation_cache)
     report = demo.run_demo(_CONFIG.value, _WORKDIR.value)
     print(f"\ndemo finished in {(time.time() - t) / 60:.1f} min "
           f"(all figures in {report['outputs']['report']})\n", flush=True)

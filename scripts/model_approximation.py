@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
-try:
-    import var_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from flax import nnx  # noqa: E402
-
-from var_jax import attention  # noqa: E402
-from var_jax.attention import poly  # noqa: E402
-from var_jax.models.var import VAR, VARConfig  # noqa: E402
+from var_jax import attention
+from var_jax.attention import poly
+from var_jax.models.var import VAR, VARConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("temperatures", ["0.5", "1", "2", "4"], "Temperature clamps s (logit bounds).")

@@ -11,23 +11,15 @@ one jitted sampler, with a progress line per batch.
 
 from __future__ import annotations
 
-import pathlib
-import sys
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-try:
-    import var_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-
-from var_jax import pretrained  # noqa: E402
-from var_jax.evaluate import figures  # noqa: E402
+from var_jax import compile_cache, pretrained
+from var_jax.evaluate import figures
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
@@ -45,6 +37,7 @@ flags.DEFINE_enum("attn_backend", None, ["exact", "flash", "poly", "favor"],
                   "Override the attention backend.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activations and parameters.")
 flags.DEFINE_string("out", "samples.png", "Output PNG.")
+compile_cache.define_flag()
 
 
 def load():
@@ -60,6 +53,7 @@ def load():
 
 def main(argv):
     del argv
+    compile_cache.enable(FLAGS.compilation_cache)
     pipe = load()
     classes = [int(c) for c in FLAGS.classes]
     num_batches = -(-len(classes) * FLAGS.per_class // FLAGS.batch_size)

@@ -48,12 +48,12 @@ from absl import app, flags
 from flax import nnx
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from var_jax import attention, sampling, scales  # noqa: E402
-from var_jax.attention import poly  # noqa: E402
-from var_jax.models.var import VAR, VARConfig  # noqa: E402
-from var_jax.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from var_jax import attention, sampling, scales
+from var_jax.attention import poly
+from var_jax.models.var import VAR, VARConfig
+from var_jax.models.vqvae import VQVAE, VQVAEConfig
 
 FLAGS = flags.FLAGS
 PARTS = ("time", "threshold", "scales", "decoder")
@@ -102,7 +102,7 @@ def compiled_and_peak(fn, *args):
         m = compiled.memory_analysis()
         peak = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
                 - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - platforms without the analysis
+    except Exception:
         peak = float("nan")
     return compiled, float(peak)
 

@@ -3,17 +3,15 @@
 
 import json
 import os
-import sys
 
+import _repo
 import numpy as np
 from PIL import Image
 
 from var_jax.evaluate import figures
 from var_jax.train import demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny_test  # noqa: E402
+tiny_test = _repo.load("configs/tiny_test.py")
 
 
 def _figure_size(grid_h: int, grid_w: int, row_labels: bool, col_labels: bool, title: bool):

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import _repo
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,8 @@ from flax import nnx
 from var_jax.train import config as config_lib
 from var_jax.train import loop, optim, runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny_test  # noqa: E402
+ROOT = _repo.ROOT
+tiny_test = _repo.load("configs/tiny_test.py")
 
 
 def _lin0_reference(it, max_it, wp_it, wp0, wpe):
@@ -252,9 +252,11 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
         import os, sys
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         os.environ["JAX_PLATFORMS"] = "cpu"
-        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("test_train", {__file__!r})
+        test_train = importlib.util.module_from_spec(spec); spec.loader.exec_module(test_train)
         import jax, numpy as np
-        from test_train import ToyRecipe, _toy_config
+        ToyRecipe, _toy_config = test_train.ToyRecipe, test_train._toy_config
         from var_jax.train import loop
         assert jax.device_count() == 8
         c = _toy_config(); c.mesh.data = 4; c.mesh.fsdp = 2
@@ -296,8 +298,7 @@ def test_every_model_field_is_settable_and_imagenet_recipes_use_bf16_flash():
     c.var.model.init_std = 0.01
     var = config_lib.var_config(c)
     assert var.attn_options == (("degree", 4),) and var.init_std == 0.01
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import imagenet
+    imagenet = _repo.load("configs/imagenet.py")
 
     for arg in imagenet.RECIPES:
         model = config_lib.var_config(imagenet.get_config(arg))

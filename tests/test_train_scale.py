@@ -17,16 +17,15 @@ import subprocess
 import sys
 import time
 
+import _repo
 import jax
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import tiny_test  # noqa: E402
-import train as train_script  # noqa: E402
+tiny_test = _repo.load("configs/tiny_test.py")
+train_script = _repo.load("scripts/train.py")
 
 from var_jax.train import loop, runner, var_recipe  # noqa: E402
 
@@ -90,8 +89,9 @@ def _assert_states(a, b, exact: bool) -> None:
 def test_meshes_of_eight_devices_match_one_device(runs):
     base, tok = runs["base"], runs["tok"]
     # Four meshes of 8 devices, one after another in one process, each a full train.py run.
-    driver = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r})\n"
-              "import train\n"
+    driver = ("import importlib.util, json\n"
+              f"spec = importlib.util.spec_from_file_location('train', {TRAIN!r})\n"
+              "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
               f"for d, f in {MESHES!r}:\n"
               f"    s = train.run(['train.py', *{_args(tok, str(base / 'mesh'))!r},\n"
               f"                   f'--workdir={base}/mesh{{d}}x{{f}}',\n"

@@ -18,11 +18,12 @@ DEFAULT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("
 _OFF = ("", "false", "none", "off", "0")
 
 
-def define_flag() -> None:
-    """Defines ``--compilation_cache`` (once, whichever script or library asks first)."""
-    if "compilation_cache" not in flags.FLAGS:
+def define_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines ``--compilation_cache`` in ``flag_values`` (once)."""
+    if "compilation_cache" not in flag_values:
         flags.DEFINE_string("compilation_cache", DEFAULT_DIR,
-                            "Directory of JAX's persistent compilation cache; 'false' = off.")
+                            "Directory of JAX's persistent compilation cache; 'false' = off.",
+                            flag_values=flag_values)
 
 
 def enable(directory: str | None = DEFAULT_DIR, *, min_compile_seconds: float = 0.5
@@ -31,6 +32,7 @@ def enable(directory: str | None = DEFAULT_DIR, *, min_compile_seconds: float = 
     turns it off. Returns the directory in use, or None."""
     if directory is None or str(directory).strip().lower() in _OFF:
         jax.config.update("jax_enable_compilation_cache", False)
+        _reset()
         return None
     directory = os.path.abspath(os.path.expanduser(str(directory)))
     os.makedirs(directory, exist_ok=True)
@@ -39,5 +41,16 @@ def enable(directory: str | None = DEFAULT_DIR, *, min_compile_seconds: float = 
     # Only programs that took a while to compile are worth a disk entry.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _reset()
     logging.info("JAX compilation cache: %s", directory)
     return directory
+
+
+def _reset() -> None:
+    """JAX opens its cache once per process, at the first compile; re-open it so that a
+    directory set after that (a test, a notebook) takes effect."""
+    try:
+        from jax._src import compilation_cache
+    except ImportError:  # the private module moved: the setting then applies from the start
+        return
+    compilation_cache.reset_cache()

@@ -96,7 +96,7 @@ class ImageFolderSource:
             with Image.open(path) as img:
                 img.load()
                 image = resize_and_crop(img, size, rng)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        except Exception as e:
             with self._lock:
                 if path not in self.bad_files:
                     self.bad_files.append(path)

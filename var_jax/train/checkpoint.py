@@ -76,7 +76,7 @@ class Checkpointer:
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 return (step, *self.restore(step, abstract_state))
-            except Exception as e:  # noqa: BLE001 - any unreadable content means "incomplete"
+            except Exception as e:
                 _warn(f"checkpoint: step {step} in {self.directory} does not restore "
                       f"({type(e).__name__}: {str(e)[:200]}); passing over it")
                 self._set_aside(step)

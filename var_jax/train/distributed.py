@@ -41,7 +41,7 @@ def initialize_from_flags(flag_values=flags.FLAGS) -> None:
 
 def _cluster_detected() -> bool:
     env = os.environ
-    several = lambda name: int(env.get(name, "1") or 1) > 1  # noqa: E731
+    several = lambda name: int(env.get(name, "1") or 1) > 1
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     return several("SLURM_NTASKS") or several("OMPI_COMM_WORLD_SIZE") or "," in tpu_hosts
 

@@ -124,11 +124,11 @@ def _local_data_state(state: dict) -> dict:
 def _memory_line(name: str, compiled) -> str:
     try:
         mem = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
+    except Exception:
         mem = None
     if mem is None:
         return f"[{name}] compiled train step (no memory analysis on this backend)"
-    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
     return (f"[{name}] compiled train step, per device: arguments "
             f"{mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)} "
             f"(aliased {mib(mem.alias_size_in_bytes)}), temporaries "
@@ -267,7 +267,7 @@ class Trainer:
             return False
         try:
             return bool(self.checkpointer.manager.reached_preemption(step))
-        except Exception:  # noqa: BLE001 - no preemption service on this platform
+        except Exception:
             return False
 
     def run(self, num_steps: int | None = None) -> dict:

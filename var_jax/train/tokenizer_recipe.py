@@ -17,7 +17,7 @@ from flax import nnx
 
 from var_jax import data as data_lib
 from var_jax import quantizer
-from var_jax.evaluate.figures import tile as image_grid  # noqa: F401  (the recipes' grids)
+from var_jax.evaluate.figures import tile as image_grid
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
 from var_jax.train import loop, optim
