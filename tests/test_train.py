@@ -282,14 +282,14 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
 def test_every_model_field_is_settable_and_imagenet_recipes_use_bf16_flash():
     import dataclasses
 
-    from var_jax.attention import decode
+    from var_jax.attention import registry
     from var_jax.models.var import VARConfig
     from var_jax.models.vqvae import VQVAEConfig
 
     c = config_lib.base_config()
     assert set(c.var.model) == {f.name for f in dataclasses.fields(VARConfig)}
     assert set(c.tokenizer.model) == {f.name for f in dataclasses.fields(VQVAEConfig)}
-    names = {n for options in decode.OPTIONS.values() for n in options} | {"logit_bound", "eps"}
+    names = {o.name for backend in registry.BACKENDS.values() for o in backend.options}
     assert set(config_lib.ATTN_OPTION_TYPES) == names
     # Fields the file leaves alone (None defaults, options) take values; unset options vanish.
     c = tiny_test.get_config()

@@ -60,7 +60,15 @@ def _one_of(*choices):
     def check(name, value):
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    check.value_type = str
     return check
+
+
+# The type of value each check accepts (what a config file declares for the option).
+for _check, _type in ((_positive_int, int), (_positive_int_or_none, int), (_non_negative_int, int),
+                      (_positive_number, float), (_positive_number_or_none, float),
+                      (_real, float), (_boolean, bool)):
+    _check.value_type = _type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,10 @@ class Option:
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def value_type(self) -> type:
+        return self.check.value_type
 
 
 CHUNK = Option("chunk", None, _positive_int_or_none,
@@ -271,6 +283,11 @@ def _make_table():
 
 
 BACKENDS: Mapping[str, Backend] = _make_table()
+
+
+def option_types() -> dict[str, type]:
+    """Every option name of every backend -> the type of its values (for config schemas)."""
+    return {opt.name: opt.value_type for backend in BACKENDS.values() for opt in backend.options}
 
 
 def backend_names() -> tuple[str, ...]:

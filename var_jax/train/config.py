@@ -14,6 +14,7 @@ import typing
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from var_jax.attention import registry
 from var_jax.data.pipeline import SOURCES
 from var_jax.models.var import VARConfig
 from var_jax.models.vqvae import VQVAEConfig
@@ -21,13 +22,9 @@ from var_jax.models.vqvae import VQVAEConfig
 _DATA_CLASSES = {"fashion_mnist": 10, "digits": 10}
 
 
-# Option name -> type for var.model.attn_options (None = the backend's default). The names are
-# the attention backends' own (checked against attention.decode.OPTIONS in the tests); "auto"
-# also takes logit_bound and eps.
-ATTN_OPTION_TYPES = {"query_block": int, "implementation": str, "group_tokens": int,
-                     "degree": int, "approximation": str, "center": float,
-                     "logit_bound": float, "chunk": int, "num_features": int,
-                     "orthogonal": bool, "eps": float}
+# Option name -> type for var.model.attn_options (None = the backend's default), read from the
+# attention registry: every option of every backend can be set from the command line.
+ATTN_OPTION_TYPES = registry.option_types()
 
 
 def _field_type(annotation):
