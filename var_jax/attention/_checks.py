@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from var_jax import scales
+from var_jax import checks, scales
 
 
 def check_qkv(q, k, v, patch_nums):
@@ -39,13 +39,6 @@ def check_scale_qkv(q, k, v, patch_nums, scale_index):
     return sides
 
 
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
+# The project's one checker (same rule and wording everywhere).
+check_positive_int = checks.positive_int
+check_positive_number = checks.positive_number

@@ -18,13 +18,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from var_jax import checks
 from var_jax.attention import prefix
 
 
 def draw_projection(rng, num_features, head_dim, *, orthogonal=True):
     """W of shape (M, D) float32, rows marginally N(0, I_D)."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    checks.positive_int("num_features", num_features)
     if rng is None:
         raise ValueError("rng: the favor backend draws random features and needs a jax.random "
                          "key, got None")

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from var_jax import attention, quantizer, scales
+from var_jax import attention, checks, quantizer, scales
+from var_jax.models import construct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,11 @@ class VQVAEConfig:
                              ) from err
         for name in ("image_size", "in_channels", "ch", "num_res_blocks", "z_channels",
                      "vocab_size", "num_phi", "quant_conv_kernel", "norm_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VQVAEConfig.{name} must be a positive int, got {value!r}")
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(f"VQVAEConfig.ch_mult must be positive ints, got {self.ch_mult}")
+            checks.positive_int(f"VQVAEConfig.{name}", getattr(self, name))
+        if not self.ch_mult:
+            raise ValueError("VQVAEConfig.ch_mult must be a non-empty tuple of positive ints")
+        for i, mult in enumerate(self.ch_mult):
+            checks.positive_int(f"VQVAEConfig.ch_mult[{i}]", mult)
         for mult in self.ch_mult:
             if (self.ch * mult) % self.norm_groups:
                 raise ValueError(f"VQVAEConfig: every width ch * ch_mult must be divisible by "
@@ -442,5 +443,4 @@ class VQVAE(nnx.Module):
 
 def count_params(config: VQVAEConfig) -> int:
     """Number of parameters of ``VQVAE(config)``, from shapes only (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return construct.param_count(lambda: VQVAE(config, rngs=nnx.Rngs(0)))

@@ -14,6 +14,7 @@ import typing
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from var_jax import checks
 from var_jax.attention import registry
 from var_jax.data.pipeline import SOURCES
 from var_jax.models.var import VARConfig
@@ -99,8 +100,7 @@ def _positive(config, *names: str) -> None:
         value = config
         for part in name.split("."):
             value = value[part]
-        if isinstance(value, bool) or not value > 0:
-            raise ValueError(f"config: {name} must be > 0, found {value!r}")
+        checks.positive_number(f"config: {name}", value)
 
 
 def vqvae_config(config):

@@ -19,6 +19,7 @@ from var_jax import sampling
 from var_jax.data import fashion_mnist
 from var_jax.evaluate import classifier as classifier_lib
 from var_jax.evaluate import figures, sample_metrics
+from var_jax.models import construct
 from var_jax.train import config as config_lib
 from var_jax.train import runner, tokenizer_recipe, var_recipe
 from var_jax.train.metrics import echo
@@ -74,7 +75,7 @@ def get_classifier(config, workdir: str, test_images, test_labels):
     template = classifier_lib.Classifier(size, num_classes, rngs=nnx.Rngs(0))
     checkpointer = ocp.StandardCheckpointer()
     if os.path.exists(path):
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: template))
+        graphdef, abstract = nnx.split(construct.shape_model(lambda: template))
         model = nnx.merge(graphdef, checkpointer.restore(path, abstract))
         _log(f"classifier restored from {path}")
     else:

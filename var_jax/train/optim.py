@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import optax
 
-# Parameters never decayed besides 1-D ones and biases (names in the official code).
-NO_DECAY_NAMES = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss", "bias")
+from var_jax.models import decay
 
 
 def lin0_fraction(step, total_steps: int, warmup_steps: int, wp0: float = 0.005,
@@ -42,12 +40,8 @@ def wd_schedule(twd: float, twde: float, total_steps: int) -> optax.Schedule:
     return fn
 
 
-def decay_mask(params):
-    """True for parameters that get weight decay: weights with >= 2 dims not in NO_DECAY_NAMES."""
-    def is_decayed(path, x):
-        name = jax.tree_util.keystr(path)
-        return x.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
-    return jax.tree_util.tree_map_with_path(is_decayed, params)
+# The one weight-decay rule (by parameter name), shared by every recipe.
+decay_mask = decay.weight_decay_mask
 
 
 def peak_lr(base_lr: float, global_batch: int) -> float:
@@ -60,8 +54,8 @@ def make_optimizer(*, lr: optax.Schedule, wd: optax.Schedule | float, b1: float,
                    mask=decay_mask) -> optax.GradientTransformation:
     """AdamW with decoupled, masked weight decay and global-norm clipping (clip <= 0: off).
 
-    `mask(params) -> bools` picks the decayed parameters (default: `decay_mask`; VAR uses its
-    model's official groups, var_jax.models.var.weight_decay_mask)."""
+    `mask(params) -> bools` picks the decayed parameters (default: `decay_mask`, the official
+    groups of `var_jax.models.decay`)."""
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
               optax.add_decayed_weights(wd, mask=mask),
