@@ -10,6 +10,11 @@ divides the achieved FLOP/s by --peak_tflops, or by a measured matmul rate on CP
 
     python scripts/bench_train.py --depth=16 --batch=32 --dtype=bfloat16 --attn_backend=flash
     python scripts/bench_train.py --depth=16 --batch=1 --steps=2 --dtype=float32   # CPU
+    python scripts/bench_train.py --depth=16 --batch=8 --dtype=float32 --remat=full \
+        --compile_only --compilation_cache=false   # compile time and compiled memory only
+
+"compile_s" is lowering + compiling the step from scratch (with --compilation_cache=false);
+--scan_layers=false compiles the looped layout (depth copies of the block) for comparison.
 """
 
 import json
@@ -23,6 +28,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Comput
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 _BACKEND = flags.DEFINE_enum("attn_backend", "flash", ["exact", "flash", "poly", "favor"],
                              "Attention backend.")
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Stacked blocks under one scan (False: loop).")
+_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable"],
+                           "Rematerialisation policy of the blocks.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Stop after compiling: compile time and compiled memory.")
 _FSDP = flags.DEFINE_integer("fsdp", 1, "Size of the fsdp mesh axis (the rest is data).")
 _PEAK = flags.DEFINE_float("peak_tflops", None,
                            "Peak dense TFLOP/s of one device; default: a table for known "
@@ -58,6 +68,9 @@ def measured_matmul_tflops(dtype) -> float:
 
 def main(argv):
     del argv
+    from var_jax import compile_cache
+
+    compile_cache.enable(flags.FLAGS.compilation_cache)
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -69,7 +82,8 @@ def main(argv):
     from var_jax.train import step as step_lib
 
     config = var_lib.VARConfig.official(_DEPTH.value, attn_backend=_BACKEND.value,
-                                        dtype=_DTYPE.value)
+                                        dtype=_DTYPE.value, scan_layers=_SCAN.value,
+                                        remat=_REMAT.value)
     length = scales.token_layout(config.patch_nums).seq_len
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=_FSDP.value)))
     batch_size = _BATCH.value
@@ -97,7 +111,9 @@ def main(argv):
     key = jax.random.key(0)
     abstract = jax.eval_shape(init, key)
     shardings = sharding.state_shardings(abstract, mesh, 2**14)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    # Compile-only runs never allocate the state (a d16 step at batch 8 needs ~25 GiB without
+    # remat): the step is lowered on shapes.
+    state = abstract if _COMPILE_ONLY.value else jax.jit(init, out_shardings=shardings)(key)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     rng = np.random.default_rng(0)
     local = batch_size // jax.process_count()
@@ -116,6 +132,16 @@ def main(argv):
                        donate_argnums=(0,)).lower(state, None, batch, stop).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
+    if _COMPILE_ONLY.value:
+        print(json.dumps({
+            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "depth": config.depth, "batch": batch_size, "dtype": _DTYPE.value,
+            "scan_layers": _SCAN.value, "remat": _REMAT.value, "compile_s": round(compile_s, 1),
+            "memory_per_device_mib": {
+                "arguments": mem.argument_size_in_bytes / 2**20,
+                "outputs": mem.output_size_in_bytes / 2**20,
+                "temporaries": mem.temp_size_in_bytes / 2**20}}, indent=1))
+        return
     state, metrics = compiled(state, None, batch, stop)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -140,6 +166,7 @@ def main(argv):
         "device": f"{jax.device_count()} x {device.device_kind}", "depth": config.depth,
         "params": int(num_params), "tokens_per_image": length, "batch": batch_size,
         "dtype": _DTYPE.value, "attn_backend": _BACKEND.value, "mesh": dict(mesh.shape),
+        "scan_layers": _SCAN.value, "remat": _REMAT.value,
         "compile_s": round(compile_s, 1), "step_s": step_s, "step_s_all": times,
         "images_per_s": batch_size / step_s, "model_tflop_per_image": flops_image / 1e12,
         "achieved_tflops_per_device": achieved, "peak_tflops": peak,
@@ -155,6 +182,14 @@ def main(argv):
         with open(_OUT.value, "w") as f:
             json.dump(result, f, indent=1)
 
+
+def _define_cache_flag():
+    from var_jax import compile_cache
+
+    compile_cache.define_flag()
+
+
+_define_cache_flag()
 
 if __name__ == "__main__":
     app.run(main)
