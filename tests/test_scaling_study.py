@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_study_runs(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "scaling_study.py"), "--quick",
-           "--parts=time,threshold", "--ns=4,8", "--backends=exact,poly", "--depth=1",
-           "--threshold_ns=4,8", "--rows=16", "--max_degree=12", "--repeats=1",
+           "--parts=time,threshold", "--ns=2,4", "--backends=exact,poly", "--depth=1",
+           "--threshold_ns=4", "--rows=8", "--max_degree=8", "--repeats=1",
            f"--out={tmp_path}", f"--compilation_cache={tmp_path / 'jit_cache'}"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -21,7 +21,7 @@ def test_quick_study_runs(tmp_path):
     with open(tmp_path / "scaling_time.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(int(r["n"]), r["backend"]) for r in rows} == {
-        (n, b) for n in (4, 8) for b in ("exact", "poly")}
+        (n, b) for n in (2, 4) for b in ("exact", "poly")}
     assert all(float(r["total_s"]) > 0 and float(r["attention_s"]) > 0 for r in rows)
     for backend in ("exact", "poly"):
         line = re.search(rf"^\s+{backend}\s+total (\S+), attention (\S+),", result.stdout,
