@@ -181,7 +181,9 @@ def test_sigkill_and_sigterm_restarts_are_bit_identical(runs):
     t = time.time()
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest[-3000:]
-    assert time.time() - t < 30
+    # The save and a clean exit: seconds on an idle machine (92 s was measured here at load
+    # average 14, with four other JAX processes running).
+    assert time.time() - t < 60
     summary = _summary(rest)
     assert summary["preempted"] and 0 < summary["step"] < STEPS
     assert summary["checkpoints"][-1] == summary["step"]
