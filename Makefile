@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 
-.PHONY: demo test lint bench-attention clean
+.PHONY: demo test test-scale lint bench-attention clean
 
 # The demo needs the package alone; the tests add the dev tools and torch (parity tests read
 # .pth files). Each stamp records what its target installed into the one .venv.
@@ -30,7 +30,11 @@ demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/python scripts/demo.py --workdir=$(WORKDIR)
 
 test: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# The end-to-end scale-out runs (8 fake devices, 2 local processes, SIGKILL / SIGTERM).
+test-scale: $(BIN)/.installed-test
+	$(BIN)/python -m pytest -q -m slow tests/test_train_scale.py
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check var_jax scripts configs tests

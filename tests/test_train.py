@@ -267,8 +267,11 @@ def test_eight_device_mesh_in_a_subprocess(tmp_path):
         out = t.run(); t.close()
         print("LOSS", out["train"]["loss"])
     """)
+    tests_dir = os.path.join(ROOT, "tests")  # for test_train's own `import _repo`
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=240, cwd=ROOT)
+                         timeout=240, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'data': 4" in out.stdout and "'fsdp': 2" in out.stdout
     assert "fsdp" in out.stdout.split("SPEC")[1].split("MESH")[0]

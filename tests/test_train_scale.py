@@ -29,7 +29,10 @@ train_script = _repo.load("scripts/train.py")
 
 from var_jax.train import loop, runner, var_recipe  # noqa: E402
 
-STEPS = 200
+# Each test runs scripts/train.py several times end to end (minutes on 2 CPU cores): the module
+# is marked slow, left out of `make test` and run by `make test-scale`.
+pytestmark = pytest.mark.slow
+STEPS = 20
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
 
@@ -44,7 +47,7 @@ def _args(tokenizer_dir: str, workdir: str, *extra: str) -> list[str]:
     return [f"--config={os.path.join(ROOT, 'configs', 'tiny_test.py')}", "--stage=var",
             f"--workdir={workdir}", f"--config.var.tokenizer_workdir={tokenizer_dir}",
             "--config.var.cache_tokens=True", f"--config.var.steps={STEPS}",
-            "--config.train.log_every=50", "--config.train.checkpoint_every=50",
+            "--config.train.log_every=5", "--config.train.checkpoint_every=5",
             "--config.mesh.fsdp_min_size=64", *extra]
 
 
