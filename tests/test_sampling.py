@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _random_models import random_model
 from flax import nnx
 
 from var_jax import sampling
@@ -15,19 +16,6 @@ VAR_CFG = VARConfig.tiny(width=32, patch_nums=PATCH_NUMS, vocab_size=32, cvae=8,
                          drop_path_rate=0.0)
 VAE_CFG = VQVAEConfig.tiny(image_size=16, patch_nums=PATCH_NUMS, vocab_size=32, z_channels=8,
                            use_attn=False, use_mid_attn=False)
-
-
-def random_model(make, seed):
-    """A model with random weights drawn in numpy (no XLA compile): shapes from eval_shape,
-    kernels ~ N(0, 1 / fan_in), other parameters ~ N(0, 0.3^2), so every path carries signal."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    rng = np.random.default_rng(seed)
-
-    def draw(x):
-        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.3
-        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
 
 
 @pytest.fixture(scope="module")

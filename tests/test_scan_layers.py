@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _random_models import random_model
 from flax import nnx
 
 from var_jax import pretrained, sampling
@@ -27,16 +28,7 @@ BACKENDS = [("exact", {}), ("flash", {}), ("poly", {"degree": 2}),
 
 
 def _looped_model(config, seed=0):
-    """Random weights drawn in numpy on the looped layout (kernels ~ N(0, 1/fan_in), the rest
-    ~ N(0, 0.3^2): AdaLN gains far from 0, so every block mixes tokens)."""
-    graphdef, state = nnx.split(construct.shape_model(lambda: VAR(config, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def draw(x):
-        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.3
-        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
+    return random_model(lambda: VAR(config, rngs=nnx.Rngs(0)), seed)
 
 
 def _pair(**changes):

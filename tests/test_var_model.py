@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _random_models import random_model
 from flax import nnx
 
 from var_jax import scales
@@ -37,17 +38,7 @@ def _train_forward(model, labels, x, key):
 
 
 def _perturbed(config, seed=0):
-    """Random weights drawn in numpy (no XLA compile of an init program): kernels ~ N(0,
-    1 / fan_in), everything else ~ N(0, 0.3^2), so AdaLN gains are not ~0 and every block
-    really mixes tokens."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: VAR(config, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def draw(x):
-        std = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.3
-        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-    return nnx.merge(graphdef, jax.tree.map(draw, state))
+    return random_model(lambda: VAR(config, rngs=nnx.Rngs(0)), seed)
 
 
 @pytest.mark.parametrize("depth,shared,expected", [
