@@ -468,6 +468,22 @@ def scan_blocks(fn, carry, blocks, xs, remat: str = "none"):
     return jax.lax.scan(_checkpointed(body, remat), carry, (params, xs))
 
 
+def unroll_blocks(fn, carry, blocks, xs):
+    """:func:`scan_blocks` as a Python loop over static slices of the stacked blocks (ys
+    stacked). No ``while`` loop: XLA:CPU runs the elementwise work of a loop body 2-3x slower
+    than the same work outside one (docs/scan_layers.md), which the sampler avoids where most
+    of its time goes, at the price of compiling those layers one by one."""
+    graphdef, params = nnx.split(blocks)
+    depth = jax.tree.leaves(params)[0].shape[0]
+    ys = []
+    for i in range(depth):
+        take = functools.partial(lambda a, i: a[i], i=i)
+        carry, y = fn(nnx.merge(graphdef, jax.tree.map(take, params)), carry,
+                      jax.tree.map(take, xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 def loop_blocks(fn, carry, blocks, xs, remat: str = "none"):
     """The same as :func:`scan_blocks` over a list of blocks, as a Python loop (ys stacked)."""
     def step(layer_params, carry, x, *, graphdef):
@@ -627,11 +643,14 @@ class VAR(nnx.Module):
                              None, self.blocks, jnp.arange(self.config.depth))
         return DecodeCondition(cond_BxC, ada)
 
-    def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int):
+    def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int, *,
+                     unroll_layers: bool = False):
         """One scale through every block on the decode states -> (logits (B, l, V), states).
 
         ``condition``: a :class:`DecodeCondition` (``decode_condition(cond)``, computed once per
-        sampling run) or the raw cond (B, C).
+        sampling run) or the raw cond (B, C). ``unroll_layers`` (scanned layout only): apply
+        the stacked layers one by one (:func:`unroll_blocks`) instead of under one scan; the
+        same function, faster on XLA:CPU, slower to compile.
         """
         condition = self.decode_condition(condition)
 
@@ -640,7 +659,8 @@ class VAR(nnx.Module):
             return block.decode(x, ada, state, scale_index)
 
         if self.config.scan_layers:
-            x, states = scan_blocks(step, tokens_BxlxC, self.blocks, (condition.ada, states))
+            over_layers = unroll_blocks if unroll_layers else scan_blocks
+            x, states = over_layers(step, tokens_BxlxC, self.blocks, (condition.ada, states))
         else:  # a list of per-layer states in, a list out
             x, new_states = tokens_BxlxC, []
             for i, (block, state) in enumerate(zip(self.blocks, states, strict=True)):
