@@ -621,8 +621,7 @@ def scales_models(patch_nums):
     return [("exact", "exact", {}), (f"poly-{FLAGS.degree}", "poly", {"degree": FLAGS.degree}),
             # The plan's degree whether or not it finds poly cheaper than exact (plan.options
             # is empty when it picks flash): the question here is the error, not the cost.
-            (f"poly-{p.degree} (plan, eps=1/L)", "poly",
-             {"degree": p.degree, "approximation": "taylor", "center": p.center}),
+            (f"poly-{p.degree} (plan, eps=1/L)", "poly", p.poly_options),
             (f"favor-{FLAGS.num_features}", "favor", {"num_features": FLAGS.num_features}),
             ("favor-1024", "favor", {"num_features": 1024})], p
 

@@ -33,8 +33,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from var_jax import compile_cache, scales
-from var_jax.attention import poly
+from var_jax import attention, compile_cache, scales
 from var_jax.evaluate import sample_metrics
 from var_jax.models import construct
 from var_jax.models.var import VAR
@@ -123,16 +122,17 @@ def greedy_tokens(recipe, model, frozen, images, batch_size: int) -> np.ndarray:
                            for i in range(0, len(images), batch_size)])
 
 
-def verdict(backend: str, options: dict, bound: float, seq_len: int) -> str:
-    """The criterion's word on this backend at this logit bound, eps = 1/L."""
+def verdict(backend: str, options: dict, bound: float, head_dim: int, seq_len: int) -> str:
+    """The criterion's word (`attention.plan`, eps = 1/L) on this backend at this logit bound."""
     if backend == "exact":
         return "exact"
     if backend == "favor":
         return "not certified (random features)"
     g = options["degree"]
-    err = min(poly.taylor_error_bound(g, bound, 0.0), poly.taylor_error_bound(g, bound, -bound))
-    word = "certified" if err <= 1.0 / seq_len else "not certified"
-    return f"{word} (degree {g}: entry error bound {err:.2g} vs 1/L = {1.0 / seq_len:.2g})"
+    p = attention.plan(bound, head_dim, seq_len, 1.0 / seq_len, max_degree=g)
+    word = "certified" if p.certified else "not certified"
+    return f"{word} at degree <= {g} (entry error bound {p.entry_error:.2g}, 1/L = " \
+           f"{1.0 / seq_len:.2g})"
 
 
 def main(argv):
@@ -182,7 +182,7 @@ def main(argv):
                     classifier, images, labels), 4),
                 "frechet": round(sample_metrics.classifier_frechet(classifier, real, images), 3),
                 "ms_per_image": round(1e3 * per_image, 2), "train_s": round(train_s),
-                "verdict": verdict(backend, options, bound, seq_len),
+                "verdict": verdict(backend, options, bound, model.config.head_dim, seq_len),
             }
             rows.append(row)
             print(row, flush=True)

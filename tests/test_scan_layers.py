@@ -125,6 +125,27 @@ def test_sampler_gives_the_same_tokens_in_both_layouts():
         assert len({int(t) for m in maps_s[1:] for t in np.ravel(m)}) > 1, backend
 
 
+def test_unrolled_decode_equals_the_scanned_one():
+    """decode_scale(unroll_layers=True) (static layer slices, no while loop) is the same
+    function as the scan, logits and decode states, scale after scale."""
+    _, scanned = _pair()
+    cond = scanned.decode_condition(scanned.condition(jnp.array([0, 3])))
+    results = {}
+    for unroll in (False, True):
+        states, x, out = scanned.init_decode_states(2), scanned.embed_scale(0, cond), []
+        for si in range(len(PATCH_NUMS)):
+            logits, states = scanned.decode_scale(x, cond, states, si, unroll_layers=unroll)
+            out.append(np.asarray(logits))
+            if si + 1 < len(PATCH_NUMS):
+                x = jax.random.normal(jax.random.key(si),
+                                      (2, PATCH_NUMS[si + 1] ** 2, scanned.config.width))
+        results[unroll] = (out, jax.tree.leaves(states))
+    for a, b in zip(results[False][0], results[True][0], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[False][1], results[True][1], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_round_trip_and_converted_layouts(tmp_path):
     looped, scanned = _pair()
     sd = var_convert.var_state_dict(looped)

@@ -52,11 +52,14 @@ class Plan:
     exact_cost: float
 
     @property
+    def poly_options(self) -> dict:
+        """The poly backend's options at this plan's degree, whichever backend it chose."""
+        return {"degree": self.degree, "approximation": "taylor", "center": self.center}
+
+    @property
     def options(self) -> dict:
         """Options for block_causal_attention(..., backend=plan.backend, **plan.options)."""
-        if self.backend != "poly":
-            return {}
-        return {"degree": self.degree, "approximation": "taylor", "center": self.center}
+        return self.poly_options if self.backend == "poly" else {}
 
 
 def block_causal_pairs(patch_nums) -> int:
