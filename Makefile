@@ -30,11 +30,12 @@ demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/python scripts/demo.py --workdir=$(WORKDIR)
 
 test: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
-# The end-to-end scale-out runs (8 fake devices, 2 local processes, SIGKILL / SIGTERM).
+# The end-to-end scale-out runs alone (8 fake devices, 2 local processes, SIGKILL / SIGTERM;
+# also part of `make test`).
 test-scale: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -m slow tests/test_train_scale.py
+	$(BIN)/python -m pytest -q tests/test_train_scale.py
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check var_jax scripts configs tests

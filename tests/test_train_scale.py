@@ -29,9 +29,8 @@ train_script = _repo.load("scripts/train.py")
 
 from var_jax.train import loop, runner, var_recipe  # noqa: E402
 
-# Each test runs scripts/train.py several times end to end (minutes on 2 CPU cores): the module
-# is marked slow, left out of `make test` and run by `make test-scale`.
-pytestmark = pytest.mark.slow
+# Each test runs scripts/train.py several times end to end (about 5 minutes for the module on 2
+# CPU cores, one pytest worker); `make test-scale` runs this module alone.
 STEPS = 20
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
