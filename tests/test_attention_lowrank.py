@@ -1,6 +1,9 @@
 """The polynomial method and FAVOR+ against their theory."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +103,33 @@ def test_favor_unbiased_and_error_falls_like_inverse_sqrt_m():
     for m in (4, 16):  # iid features: MSE = variance / M, so RMS halves per 4x features
         assert 1.7 < rms[False, m] / rms[False, 4 * m] < 2.3, rms
     assert rms[True, 16] < 1.05 * rms[False, 16], rms  # orthogonal features do no worse
+
+
+def test_orthogonal_blocks_are_the_sign_fixed_q_factor():
+    a = jax.random.normal(jax.random.key(1), (3, 64, 64))
+    q = np.asarray(jax.jit(favor.orthonormal_columns)(a), np.float64)
+    q_ref, r_ref = np.linalg.qr(np.asarray(a, np.float64))  # float64 reference
+    q_ref = q_ref * np.sign(np.diagonal(r_ref, axis1=-2, axis2=-1))[:, None, :]
+    np.testing.assert_allclose(q, q_ref, atol=1e-5)
+    gram = np.einsum("bdk,bdl->bkl", q, q)
+    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(64), gram.shape), atol=1e-5)
+
+
+def test_looped_favor_model_does_not_hang():
+    # Regression: with jnp.linalg.qr per layer, this jitted forward (6 looped layers) deadlocked
+    # XLA:CPU on every run on a 2-core machine. A subprocess, so a hang fails instead of blocking.
+    code = ("import jax, jax.numpy as jnp\n"
+            "from flax import nnx\n"
+            "from var_jax.models.var import VAR, VARConfig\n"
+            "cfg = VARConfig(depth=6, width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8),\n"
+            "                vocab_size=512, cvae=16, num_classes=10, scan_layers=False,\n"
+            "                attn_backend='favor', attn_options={'num_features': 128})\n"
+            "gd, st = nnx.split(VAR(cfg, rngs=nnx.Rngs(0)))\n"
+            "f = jax.jit(lambda st, x: nnx.merge(gd, st)(jnp.zeros(8, jnp.int32), x))\n"
+            "print(float(f(st, jnp.zeros((8, 129, 16))).sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0 and np.isfinite(float(out.stdout.split()[-1])), out.stderr[-2000:]
 
 
 def test_favor_attention_error_falls_with_features():

@@ -22,6 +22,30 @@ from var_jax import checks
 from var_jax.attention import prefix
 
 
+def orthonormal_columns(a_BxDxD):
+    """The Q factor of a = QR with R's diagonal positive (Haar-distributed for Gaussian a), by
+    Gram-Schmidt with one re-orthogonalisation pass (CGS2, orthogonal to float32 rounding).
+
+    Plain jnp ops on purpose, not `jnp.linalg.qr`: on XLA:CPU (jax 0.10) a jitted program with
+    several independent LAPACK QR calls (one per layer of a looped favor model) can deadlock
+    under the concurrency-optimised scheduler; a 6-layer favor VAR hung on every run.
+    """
+    d = a_BxDxD.shape[-1]
+    col = jnp.arange(d)
+
+    def step(j, q_BxDxD):
+        v = a_BxDxD[..., j]
+        done = (col < j).astype(q_BxDxD.dtype)  # columns already orthonormal
+        for _ in range(2):
+            coeff = jnp.einsum("bdk,bd->bk", q_BxDxD, v, precision=jax.lax.Precision.HIGHEST)
+            v = v - jnp.einsum("bdk,bk->bd", q_BxDxD, coeff * done,
+                               precision=jax.lax.Precision.HIGHEST)
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        return q_BxDxD.at[..., j].set(v)
+
+    return jax.lax.fori_loop(0, d, step, jnp.zeros_like(a_BxDxD))
+
+
 def draw_projection(rng, num_features, head_dim, *, orthogonal=True):
     """W of shape (M, D) float32, rows marginally N(0, I_D)."""
     checks.positive_int("num_features", num_features)
@@ -33,9 +57,7 @@ def draw_projection(rng, num_features, head_dim, *, orthogonal=True):
     num_blocks = math.ceil(num_features / head_dim)
     block_key, norm_key = jax.random.split(rng)
     gauss = jax.random.normal(block_key, (num_blocks, head_dim, head_dim), jnp.float32)
-    q_blocks, r_blocks = jnp.linalg.qr(gauss)
-    # Sign-fix so that Q is Haar-distributed (rows uniform on the sphere): unbiased features.
-    q_blocks = q_blocks * jnp.sign(jnp.diagonal(r_blocks, axis1=-2, axis2=-1))[:, None, :]
+    q_blocks = orthonormal_columns(gauss)
     rows = jnp.swapaxes(q_blocks, -1, -2).reshape(num_blocks * head_dim, head_dim)[:num_features]
     norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim)), axis=-1)
     return rows * norms[:, None]
