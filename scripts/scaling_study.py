@@ -371,12 +371,17 @@ def plot_time(rows, ns, summary):
         e = summary["exponents"][b]
         axes[0].loglog(n_, tot, "o-", label=f"{b}: total ~ n^{e['total_s']:.2f}")
         axes[1].loglog(n_, att, "o-", label=f"{b}: attention ~ n^{e['attention_s']:.2f}")
-    dec = [(r["n"], r["decoder_s"], r["decoder_attention_s"]) for r in rows
-           if r["backend"] == FLAGS.backends[0]]
-    n_, d, da = zip(*dec, strict=True)
-    ex = summary["exponents"][FLAGS.backends[0]]
-    axes[1].loglog(n_, d, "k--", label=f"VQ-VAE decoder ~ n^{ex['decoder_s']:.2f}")
-    axes[1].loglog(n_, da, "k:", label=f"decoder attention ~ n^{ex['decoder_attention_s']:.2f}")
+    # The decoder does not depend on the VAR's backend: one point per n, from whichever
+    # backend measured it (merged runs may cover different n per backend).
+    dec = sorted({r["n"]: (r["decoder_s"], r["decoder_attention_s"]) for r in rows}.items())
+    n_ = [n for n, _ in dec]
+    d, da = [t for _, (t, _) in dec], [t for _, (_, t) in dec]
+    lo, hi = summary["fit_range"]
+    fit = [i for i, n in enumerate(n_) if lo <= n <= hi]
+    e_d = fit_exponent([n_[i] for i in fit], [d[i] for i in fit])
+    e_da = fit_exponent([n_[i] for i in fit], [da[i] for i in fit])
+    axes[1].loglog(n_, d, "k--", label=f"VQ-VAE decoder ~ n^{e_d:.2f}")
+    axes[1].loglog(n_, da, "k:", label=f"decoder attention ~ n^{e_da:.2f}")
     lo, hi = summary["fit_range"]
     for ax, title in zip(axes, ("whole generation (Sampler)", "components"), strict=True):
         ax.set_xlabel("last side n")

@@ -53,15 +53,23 @@ flags.DEFINE_integer("num_features", 128, "favor features (training and inferenc
 flags.DEFINE_integer("per_class", 50, "Samples per class for accuracy and Frechet distance.")
 flags.DEFINE_list("variants", ["exact-s100", "exact-sB", "poly-sB", "favor-sB"],
                   "Which variants to train and evaluate.")
+flags.DEFINE_list("inference", ["exact", "poly", "favor"],
+                  "Inference backends to score each variant under (exact always runs first: "
+                  "greedy agreement is measured against it).")
 compile_cache.define_flag()
 FLAGS = flags.FLAGS
 
 
 def backends():
-    """(name, backend, options) of the inference backends."""
-    return [("exact", "exact", {}),
-            (f"poly-{FLAGS.degree}", "poly", {"degree": FLAGS.degree}),
-            (f"favor-{FLAGS.num_features}", "favor", {"num_features": FLAGS.num_features})]
+    """(name, backend, options) of the inference backends, exact first."""
+    table = {"exact": ("exact", "exact", {}),
+             "poly": (f"poly-{FLAGS.degree}", "poly", {"degree": FLAGS.degree}),
+             "favor": (f"favor-{FLAGS.num_features}", "favor",
+                       {"num_features": FLAGS.num_features})}
+    unknown = sorted(set(FLAGS.inference) - set(table))
+    if unknown:
+        raise ValueError(f"--inference: expected names of {sorted(table)}, found {unknown}")
+    return [table["exact"]] + [table[b] for b in table if b != "exact" and b in FLAGS.inference]
 
 
 def variant_overrides(name: str) -> dict:
@@ -140,6 +148,7 @@ def main(argv):
     compile_cache.enable(FLAGS.compilation_cache)
     for name in FLAGS.variants:
         variant_overrides(name)  # bad names fail before any training
+    backends()
     rows = []
     for name in FLAGS.variants:
         config = variant_config(name)
