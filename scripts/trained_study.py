@@ -154,8 +154,12 @@ def main(argv):
         config = variant_config(name)
         workdir = os.path.join(FLAGS.workdir, name)
         t = time.time()
-        runner.run_stage(config, workdir, "var")
+        summary = runner.run_stage(config, workdir, "var")
         train_s = time.time() - t
+        if summary.get("preempted"):  # SIGTERM: the run saved; rerun the command to go on
+            print(f"{name}: training preempted at step {summary['step']} (checkpoint saved); "
+                  "stopping before evaluation", flush=True)
+            return
         vqvae = var_recipe.load_trained_tokenizer(
             config, os.path.join(FLAGS.demo_workdir, "tokenizer"))
         model = var_recipe.load_trained_var(config, vqvae, os.path.join(workdir, "var"))
