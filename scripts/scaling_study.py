@@ -382,7 +382,6 @@ def plot_time(rows, ns, summary):
     e_da = fit_exponent([n_[i] for i in fit], [da[i] for i in fit])
     axes[1].loglog(n_, d, "k--", label=f"VQ-VAE decoder ~ n^{e_d:.2f}")
     axes[1].loglog(n_, da, "k:", label=f"decoder attention ~ n^{e_da:.2f}")
-    lo, hi = summary["fit_range"]
     for ax, title in zip(axes, ("whole generation (Sampler)", "components"), strict=True):
         ax.set_xlabel("last side n")
         ax.set_ylabel("seconds")
