@@ -8,9 +8,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _attention_helpers import LAYOUT, call, qkv, reference
+from _attention_helpers import LAYOUT, PATCH_NUMS, call, qkv, reference
 
-from var_jax import attention
+from var_jax import attention, scales
 from var_jax.attention import favor, poly
 
 
@@ -150,3 +150,41 @@ def test_favor_stabiliser_keeps_large_logits_finite():
     out = np.asarray(call(q, k, v, "favor"))
     assert np.all(np.isfinite(out))
     assert np.abs(out).max() <= np.abs(np.asarray(v)).max() * (1 + 1e-5)  # convex combination
+
+
+def _poly_reference(q, k, v, coeffs, patch_nums=PATCH_NUMS):
+    """Block-causal attention with weights p(q . k) in float64 numpy."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    w = np.polynomial.polynomial.polyval(np.einsum("bqhd,bkhd->bhqk", q, k), coeffs)
+    w = np.where(scales.block_causal_mask(patch_nums), w, 0.0)
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+
+def test_poly_kernel_form_is_the_features_form():
+    # Both forms against the float64 polynomial-weight attention, and their gradients equal.
+    q, k, v = qkv(seed=21, temperature=1.5)
+    for options in ({"degree": 2}, {"degree": 4, "center": -1.5},
+                    {"degree": 4, "approximation": "chebyshev", "logit_bound": 1.5}):
+        coeffs = poly.exp_poly_coefficients(
+            options["degree"], options.get("approximation", "taylor"),
+            center=options.get("center", 0.0), logit_bound=options.get("logit_bound"))
+        want = _poly_reference(q, k, v, coeffs)
+        outs = {form: np.asarray(call(q, k, v, "poly", form=form, **options), np.float64)
+                for form in poly.FORMS}
+        for form, out in outs.items():
+            np.testing.assert_allclose(out, want, atol=2e-5, err_msg=f"{form} {options}")
+
+        def loss(q, k, v, form, options=options):
+            out = attention.block_causal_attention(q, k, v, PATCH_NUMS, backend="poly",
+                                                   form=form, **options)
+            return jnp.sum(jnp.sin(out))
+        grads = {form: jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(q, k, v, form)
+                 for form in poly.FORMS}
+        for a, b in zip(grads["features"], grads["kernel"], strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+    try:
+        call(q, k, v, "poly", form="dense")
+    except ValueError as err:
+        assert "form must be one of" in str(err)
+    else:
+        raise AssertionError("an unknown form was accepted")

@@ -12,7 +12,7 @@ from var_jax.attention import registry
 # A bad value for every option kind in the table (the check must name the option).
 BAD = {"query_block": 0, "implementation": "fast", "group_tokens": -1, "degree": 2.5,
        "approximation": "pade", "center": "zero", "logit_bound": -1.0, "chunk": 0,
-       "num_features": True, "orthogonal": 1, "eps": 0.0}
+       "num_features": True, "orthogonal": 1, "eps": 0.0, "form": "dense"}
 
 
 def test_names_come_from_the_table():

@@ -160,6 +160,18 @@ def _flash_prefix(q, k, v, opts):
 
 # --- poly / favor: low-rank feature maps over the prefix-sum core -------------------------------
 
+def _poly_full(features_full):
+    """poly's full call: the features form, or the kernel form (the same function, O(L^2))."""
+    def full(q, k, v, layout, rng, opts):
+        if opts["form"] == "features":
+            return features_full(q, k, v, layout, rng, opts)
+        coeffs = poly.exp_poly_coefficients(opts["degree"], opts["approximation"],
+                                            center=opts["center"],
+                                            logit_bound=opts["logit_bound"])
+        return poly.kernel_attention(q, k, v, layout.patch_nums, coeffs)
+    return full
+
+
 def _poly_map(head_dim, opts, arrays):
     del arrays
     return poly.feature_map(head_dim, degree=opts["degree"], approximation=opts["approximation"],
@@ -266,7 +278,10 @@ def _make_table():
             Option("center", 0.0, _real, "Taylor centre (plan picks 0 or -b)"),
             Option("logit_bound", None, _positive_number_or_none,
                    "bound b of the logits (needed by chebyshev)"),
-            CHUNK, GROUP_TOKENS), poly_full, poly_init, poly_step,
+            Option("form", "features", _one_of(*poly.FORMS),
+                   "full call as low-rank features (O(L M D)) or as the polynomial kernel on "
+                   "the L x L logits (O(L^2 D), the same function; decoding uses features)"),
+            CHUNK, GROUP_TOKENS), _poly_full(poly_full), poly_init, poly_step,
             doc="polynomial method (Alman-Song), certified by plan"),
         Backend("favor", (
             Option("num_features", 256, _positive_int, "random features M"),
