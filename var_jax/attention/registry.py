@@ -102,6 +102,9 @@ class Backend:
     step(arrays, q, k, v, begin, end, opts) -> (out (B, l, H, D) in q's dtype, new arrays).
     resolve(head_dim, layout, opts) -> (backend name, opts) for a backend that delegates.
     ``opts`` is always the complete option dict (defaults filled in, checked).
+    kv_cache: the state is a KV cache {"k", "v"} of (B, L, H, D) whose step writes [begin, end)
+    and reads [0, end) only, so a caller may hand it the cache cut at ``end`` (what the scanned
+    sampler does to read one layer's cache in place of copying all of it).
     """
 
     name: str
@@ -111,6 +114,7 @@ class Backend:
     step: Callable | None = None
     resolve: Callable | None = None
     doc: str = ""
+    kv_cache: bool = False
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -264,13 +268,13 @@ def _make_table():
             Option("query_block", None, _positive_int_or_none,
                    "queries per lax.map block (None: by a logit-memory budget)"),),
             _exact_full, _kv_init, _kv_step(_exact_prefix),
-            doc="float32 masked reference, O(L^2)"),
+            doc="float32 masked reference, O(L^2)", kv_cache=True),
         Backend("flash", (
             Option("implementation", "default", _one_of("default", None, "xla", "cudnn"),
                    "jax.nn.dot_product_attention implementation ('default': cuDNN for half "
                    "precision on GPU)"),
             GROUP_TOKENS), _flash_full, _kv_init, _kv_step(_flash_prefix),
-            doc="exact, one unmasked fused call per scale"),
+            doc="exact, one unmasked fused call per scale", kv_cache=True),
         Backend("poly", (
             Option("degree", 2, _non_negative_int, "polynomial degree g (rank binom(D+g, g))"),
             Option("approximation", "taylor", _one_of(*poly.APPROXIMATIONS),

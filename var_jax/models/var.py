@@ -484,6 +484,38 @@ def unroll_blocks(fn, carry, blocks, xs):
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
+def scan_blocks_kv_cache(fn, x, blocks, xs, states, begin: int, end: int):
+    """:func:`scan_blocks` for one scale's decode on stacked KV-cache states, with the caches
+    in the loop carry instead of the scanned inputs and outputs.
+
+    Scanning the caches as xs / ys makes every layer step copy its whole (B, L, H, D) cache in
+    and out, and every scale copy the whole stack between scans (17 copies of 178 MB per d16
+    sample, counted in the compiled program; docs/scan_layers.md). Here step i cuts layer i's
+    cache at ``end`` (all the attention reads), runs ``fn(block, x, (x_i, state_i))`` and writes
+    back only the scale's new [begin, end) keys and values, in place in the carry.
+    """
+    graphdef, params = nnx.split(blocks)
+    caches = states.arrays
+
+    def body(carry, inputs):
+        x, caches = carry
+        layer_params, x_i, i = inputs
+        prefix = {name: jax.lax.dynamic_slice(cache, (i,) + (0,) * (cache.ndim - 1),
+                                              (1, cache.shape[1], end) + cache.shape[3:])[0]
+                  for name, cache in caches.items()}
+        x, state = fn(nnx.merge(graphdef, layer_params), x,
+                      (x_i, dataclasses.replace(states, arrays=prefix)))
+        caches = {name: jax.lax.dynamic_update_slice(
+                      cache, state.arrays[name][None, :, begin:end].astype(cache.dtype),
+                      (i, 0, begin) + (0,) * (cache.ndim - 3))
+                  for name, cache in caches.items()}
+        return (x, caches), None
+
+    depth = jax.tree.leaves(params)[0].shape[0]
+    (x, caches), _ = jax.lax.scan(body, (x, caches), (params, xs, jnp.arange(depth)))
+    return x, dataclasses.replace(states, arrays=caches)
+
+
 def loop_blocks(fn, carry, blocks, xs, remat: str = "none"):
     """The same as :func:`scan_blocks` over a list of blocks, as a Python loop (ys stacked)."""
     def step(layer_params, carry, x, *, graphdef):
@@ -658,7 +690,12 @@ class VAR(nnx.Module):
             ada, state = inputs
             return block.decode(x, ada, state, scale_index)
 
-        if self.config.scan_layers:
+        if self.config.scan_layers and not unroll_layers and \
+                attention.registry.get(states.backend).kv_cache:
+            begin, end = self.begin_ends[scale_index]
+            x, states = scan_blocks_kv_cache(step, tokens_BxlxC, self.blocks, condition.ada,
+                                             states, begin, end)
+        elif self.config.scan_layers:
             over_layers = unroll_blocks if unroll_layers else scan_blocks
             x, states = over_layers(step, tokens_BxlxC, self.blocks, (condition.ada, states))
         else:  # a list of per-layer states in, a list out
