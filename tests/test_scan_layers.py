@@ -113,7 +113,7 @@ def test_sampler_gives_the_same_tokens_in_both_layouts():
     vae_cfg = VQVAEConfig.tiny(image_size=12, patch_nums=PATCH_NUMS, vocab_size=16,
                                z_channels=4, use_attn=False, use_mid_attn=False)
     vae = VQVAE(vae_cfg, rngs=nnx.Rngs(1))
-    for backend, options in (("exact", {}), ("favor", {"num_features": 16}),
+    for backend, options in (("exact", {}), ("flash", {}), ("favor", {"num_features": 16}),
                              ("poly", {"degree": 2})):
         looped, scanned = _pair(attn_backend=backend, attn_options=options)
         labels = jnp.array([0, 3, 4])
