@@ -152,7 +152,6 @@ def kernel_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, coeffs):
     logits, normalised by their row sums. The same function as the features form (a
     factorisation of exactly these weights), without the log-stabiliser, which only rescales
     numerator and denominator together. Memory O(L^2): for the short sequences it is for."""
-    layout = scales.token_layout(patch_nums)
     dtype = q_BxLxHxD.dtype
     q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2)
                for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
@@ -160,8 +159,7 @@ def kernel_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, coeffs):
     weights = jnp.zeros_like(logits)
     for a_t in np.asarray(coeffs, np.float64)[::-1]:  # Horner
         weights = weights * logits + np.float32(a_t)
-    levels = np.asarray(layout.level_ids)
-    weights = jnp.where(levels[None, :] <= levels[:, None], weights, 0.0)
+    weights = jnp.where(scales.block_causal_mask(patch_nums), weights, 0.0)
     out = jnp.matmul(weights, v, precision=jax.lax.Precision.HIGHEST)
     out = out / jnp.sum(weights, axis=-1, keepdims=True)
     return jnp.swapaxes(out, 1, 2).astype(dtype)
