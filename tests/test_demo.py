@@ -85,3 +85,20 @@ def test_coarse_to_fine_last_column_is_the_decoded_sample():
     np.testing.assert_allclose(steps[:, -1], full, atol=1e-5)
     # Earlier columns are decoded from partial sums, so they differ from the final image.
     assert np.abs(steps[:, 0] - steps[:, -1]).max() > 1e-3
+
+
+def test_phase_clock_eta_ignores_phases_restored_from_a_checkpoint(monkeypatch, capsys):
+    """A resumed run restores a finished stage in ~0 s: the ETA must not read that as a machine
+    infinitely fast, but scale the reference times by the phases that really ran."""
+    now = [0.0]
+    monkeypatch.setattr(demo.time, "time", lambda: now[0])
+    clock = demo.PhaseClock((("a", 100.0), ("b", 100.0), ("c", 100.0)))
+    clock.start(0)
+    now[0] += 0.5  # restored
+    clock.end()
+    clock.start(1)
+    assert "about 3.3 min left" in capsys.readouterr().out  # 200 s of reference, speed 1
+    now[0] += 200.0  # this machine runs at half the reference speed
+    clock.end()
+    clock.start(2)
+    assert "about 3.3 min left" in capsys.readouterr().out  # 100 s of reference x 2

@@ -46,7 +46,10 @@ class PhaseClock:
     def __init__(self, phases=PHASES):
         self.phases = phases
         self.t0 = time.time()
-        self.done_ref, self.index, self._start = 0.0, -1, None
+        self.index, self._start = -1, None
+        # Measured (seconds, reference seconds) of the phases that ran; a phase restored from a
+        # finished checkpoint takes ~0 s and says nothing about this machine's speed.
+        self.timed, self.timed_ref = 0.0, 0.0
         self.seconds: dict[str, float] = {}
 
     def start(self, i: int) -> None:
@@ -54,7 +57,7 @@ class PhaseClock:
         name = self.phases[i][0]
         elapsed = self._start - self.t0
         rest = sum(ref for _, ref in self.phases[i:])
-        speed = elapsed / self.done_ref if self.done_ref else 1.0
+        speed = self.timed / self.timed_ref if self.timed_ref else 1.0
         _log(f"phase {i + 1}/{len(self.phases)}: {name} (elapsed {elapsed / 60:.1f} min, "
              f"about {rest * speed / 60:.1f} min left)")
 
@@ -62,7 +65,8 @@ class PhaseClock:
         name, ref = self.phases[self.index]
         took = time.time() - self._start
         self.seconds[name] = took
-        self.done_ref += ref
+        if took > 0.1 * ref:
+            self.timed, self.timed_ref = self.timed + took, self.timed_ref + ref
         _log(f"phase {self.index + 1}/{len(self.phases)}: {name} done in {took / 60:.1f} min")
         return took
 
