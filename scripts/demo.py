@@ -39,6 +39,8 @@ def main(argv):
     distributed.initialize_from_flags()  # before any device work
     compile_cache.enable(FLAGS.compilation_cache)
     report = demo.run_demo(_CONFIG.value, _WORKDIR.value)
+    if "stopped" in report:  # SIGTERM: saved, exit 0, a rerun resumes
+        return
     print(f"\ndemo finished in {(time.time() - t) / 60:.1f} min "
           f"(all figures in {report['outputs']['report']})\n", flush=True)
     print(demo.summary_table(report), flush=True)

@@ -102,3 +102,20 @@ def test_phase_clock_eta_ignores_phases_restored_from_a_checkpoint(monkeypatch, 
     clock.end()
     clock.start(2)
     assert "about 3.3 min left" in capsys.readouterr().out  # 100 s of reference x 2
+
+
+def test_sigterm_in_a_stage_ends_the_demo_without_evaluating(tmp_path, monkeypatch):
+    """A stage that returns preempted (SIGTERM: saved, status 0) ends the demo there: no later
+    stage, no evaluation of a half-trained model, no report; the rerun resumes."""
+    calls = []
+
+    def fake_stage(config, workdir, stage):
+        calls.append(stage)
+        return {"stage": stage, "step": 7, "dir": str(tmp_path / stage), "preempted": True}
+
+    monkeypatch.setattr(demo.runner, "run_stage", fake_stage)
+    out = demo.run_demo(tiny_test.get_config(), str(tmp_path))
+    assert out == {"stopped": {"stage": "tokenizer", "step": 7,
+                               "dir": str(tmp_path / "tokenizer")}}
+    assert calls == ["tokenizer"]
+    assert not (tmp_path / "demo_report.json").exists()
