@@ -160,16 +160,14 @@ def run_demo(config, workdir: str) -> dict:
     config_lib.validate(config, num_devices=jax.device_count())
     report = {"data": config.data.source}
 
-    clock.start(0)
-    tok = runner.run_stage(config, workdir, "tokenizer")
-    clock.end()
-    if tok["preempted"]:
-        return _stopped(tok)
-    clock.start(1)
-    var = runner.run_stage(config, workdir, "var")
-    clock.end()
-    if var["preempted"]:
-        return _stopped(var)
+    stages = {}
+    for i, stage in enumerate(("tokenizer", "var")):
+        clock.start(i)
+        stages[stage] = runner.run_stage(config, workdir, stage)
+        clock.end()
+        if stages[stage]["preempted"]:
+            return _stopped(stages[stage])
+    tok, var = stages["tokenizer"], stages["var"]
 
     clock.start(2)
     vqvae = var_recipe.load_trained_tokenizer(config, tok["dir"])
@@ -237,10 +235,11 @@ def run_demo(config, workdir: str) -> dict:
 
 
 def _stopped(summary: dict) -> dict:
-    """SIGTERM mid-stage: the loop saved where it stopped; evaluating a half-trained model would
-    waste the time the signal asked for, so the demo ends here and a rerun resumes."""
-    _log(f"stopped by SIGTERM in {summary['stage']} training at step {summary['step']} "
-         f"(saved in {summary['dir']}); the same command resumes from there")
+    """SIGTERM (or a preemption notice) mid-stage: the loop saved where it stopped; evaluating
+    a half-trained model would waste the time the signal asked for, so the demo ends here and
+    a rerun resumes."""
+    _log(f"stopped (SIGTERM or preemption notice) in {summary['stage']} training at step "
+         f"{summary['step']} (saved in {summary['dir']}); the same command resumes from there")
     return {"stopped": {k: summary[k] for k in ("stage", "step", "dir")}}
 
 
