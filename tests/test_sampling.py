@@ -81,6 +81,28 @@ def test_sample_categorical_draws_the_softmax_distribution():
     np.testing.assert_allclose(freq, probs, atol=5 * np.sqrt(0.25 / draws.size))
 
 
+@pytest.mark.parametrize("vocab", [4096, 100, 7])
+def test_categorical_from_uniform_inverts_the_float64_cdf(vocab):
+    # The blocked CDF (triangular matmuls) against float64 cumsum, and the draw against
+    # searchsorted on it: only a uniform within float32 rounding of a CDF step may differ.
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(0, 3, (64, vocab)).astype(np.float32)
+    logits[:, ::5] = -np.inf  # filtered entries: zero mass
+    u = rng.uniform(size=64).astype(np.float32)
+    probs64 = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs64 /= probs64.sum(-1, keepdims=True)
+    cdf64 = np.cumsum(probs64, -1)
+    got_cdf = np.asarray(sampling._cdf_blocked(jnp.asarray(probs64, jnp.float32)))
+    np.testing.assert_allclose(got_cdf, cdf64, atol=2e-6)
+    want = np.array([np.searchsorted(c, x * c[-1], side="left")
+                     for c, x in zip(cdf64, u, strict=True)])
+    got = np.asarray(jax.jit(sampling.categorical_from_uniform)(jnp.asarray(u),
+                                                                jnp.asarray(logits)))
+    gap = np.abs(cdf64[np.arange(64), np.minimum(want, vocab - 1)] - u * cdf64[:, -1])
+    assert np.all((got == want) | (gap < 1e-5))
+    assert not np.any(np.isinf(logits[np.arange(64), got]))
+
+
 def test_filter_rejects_top_k_above_vocabulary():
     with pytest.raises(ValueError, match="top_k"):
         sampling.filter_top_k_top_p(jnp.zeros((2, 8)), 9)

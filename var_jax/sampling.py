@@ -111,20 +111,40 @@ def filter_top_k_top_p(logits_xV, top_k: int, top_p=None):
     return jnp.where(bits < cut, -jnp.inf, filtered)
 
 
-def sample_categorical(key, logits_xV):
-    """One draw per row from softmax(logits) by inverting the CDF with one uniform per row.
+def _cdf_blocked(probs_xV):
+    """Inclusive cumulative sums over the last axis as two small triangular matmuls (within
+    blocks of 64, then the block offsets) instead of ``jnp.cumsum``: the same sums to float32
+    rounding, 2-3x faster on a CPU, and a few dot fusions to compile instead of the
+    reduce-window tree XLA builds for a cumsum at every scale's shape."""
+    vocab = probs_xV.shape[-1]
+    block = next(b for b in (64, 32, 16, 8, 4, 2, 1) if vocab % b == 0)
+    blocks = probs_xV.reshape(probs_xV.shape[:-1] + (vocab // block, block))
+    inclusive = jnp.triu(jnp.ones((block, block), probs_xV.dtype))
+    within = jnp.einsum("...kb,bc->...kc", blocks, inclusive, precision="highest")
+    exclusive = jnp.triu(jnp.ones((vocab // block,) * 2, probs_xV.dtype), 1)
+    offsets = jnp.einsum("...k,kj->...j", within[..., -1], exclusive, precision="highest")
+    return (within + offsets[..., None]).reshape(probs_xV.shape)
 
-    The same distribution as ``jax.random.categorical`` (which draws a Gumbel per logit:
-    L x V random numbers, a noticeable part of CPU sampling time). Filtered (-inf) entries
-    have zero mass and are never drawn.
-    """
+
+def categorical_from_uniform(u_x, logits_xV):
+    """One draw per row from softmax(logits) by inverting the CDF at ``u_x`` in [0, 1) (one
+    uniform per row). Filtered (-inf) entries have zero mass and are never drawn. The sampler
+    draws every scale's uniforms at once, so the compiled program holds one random-bits
+    computation instead of one per scale."""
     probs = jax.nn.softmax(logits_xV.astype(jnp.float32), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    total = cdf[..., -1:]
-    u = jax.random.uniform(key, total.shape, jnp.float32) * total
+    cdf = _cdf_blocked(probs)
+    u = u_x.astype(jnp.float32)[..., None] * cdf[..., -1:]
     u = jnp.maximum(u, jnp.finfo(jnp.float32).tiny)  # u = 0 would pick a zero-mass entry 0
     index = jnp.sum(cdf < u, axis=-1)
     return jnp.minimum(index, logits_xV.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample_categorical(key, logits_xV):
+    """One draw per row from softmax(logits): :func:`categorical_from_uniform` with a fresh
+    uniform per row. The same distribution as ``jax.random.categorical`` (which draws a Gumbel
+    per logit: L x V random numbers, a noticeable part of CPU sampling time)."""
+    return categorical_from_uniform(
+        jax.random.uniform(key, logits_xV.shape[:-1], jnp.float32), logits_xV)
 
 
 def gumbel_softmax(key, logits, tau: float):
@@ -217,16 +237,21 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
         states = var.init_decode_states(2 * batch)
         tokens = var.embed_scale(0, cond)
         f_hat, token_maps = None, []
+        # Every scale's random numbers drawn up front: one random-bits computation in the
+        # compiled program instead of a key split and a draw at each scale's shapes.
+        key_idx, key_gumbel = jax.random.split(key)
+        uniforms_BxL = jax.random.uniform(key_idx, (batch, config.seq_len), jnp.float32)
+        gumbel_keys = jax.random.split(key_gumbel, num_scales) if more_smooth else None
         for si, pn in enumerate(patch_nums):
             ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
+            begin, end = var.begin_ends[si]
             logits_2B, states = var.decode_scale(tokens, cond, states, si)
             logits = cfg_mix(logits_2B, cfg * ratio)
             logits = filter_top_k_top_p(logits, top_k, top_p if use_top_p else None)
-            key, key_idx, key_gumbel = jax.random.split(key, 3)
-            idx = sample_categorical(key_idx, logits)
+            idx = categorical_from_uniform(uniforms_BxL[:, begin:end], logits)
             if more_smooth:
                 tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                soft = gumbel_softmax(key_gumbel, logits * (1 + ratio), tau)
+                soft = gumbel_softmax(gumbel_keys[si], logits * (1 + ratio), tau)
                 h = jnp.einsum("blv,vc->blc", soft, codebook.astype(jnp.float32))
             else:
                 h = codebook[idx]
@@ -314,5 +339,6 @@ def edit(var_model, vqvae_model, labels_B, reference_maps, keep_mask, *, key, cf
 
 
 __all__ = ["Sampler", "sample", "edit", "cfg_mix", "filter_top_k_top_p", "sample_categorical",
+           "categorical_from_uniform",
            "gumbel_softmax",
            "bilinear_matrix", "edit_keep_masks"]
