@@ -305,11 +305,15 @@ class SelfAttention(nnx.Module):
 
     def qkv(self, x_BxLxC):
         dtype = jnp.dtype(self.config.dtype)
-        qkv = jnp.einsum("blc,cthd->blthd", x_BxLxC.astype(dtype),
-                         self.qkv_kernel[...].astype(dtype))
-        q = qkv[:, :, 0] + self.q_bias[...].astype(dtype)
-        k = qkv[:, :, 1]
-        v = qkv[:, :, 2] + self.v_bias[...].astype(dtype)
+        x = x_BxLxC.astype(dtype)
+        kernel = self.qkv_kernel[...].astype(dtype)
+        # Three products instead of one into (B, L, 3, H, D) then sliced: the same sums, but the
+        # backward of the slices concatenated the three gradients into a transposed copy before
+        # one dot (on a CPU about 8% of the demo model's train step); on an accelerator the
+        # three products run at the speed of one.
+        q, k, v = (jnp.einsum("blc,chd->blhd", x, kernel[:, i]) for i in range(3))
+        q = q + self.q_bias[...].astype(dtype)
+        v = v + self.v_bias[...].astype(dtype)
         q = l2_normalize(q) * self.temperature()[:, None].astype(dtype)
         return q, l2_normalize(k), v
 
