@@ -198,6 +198,30 @@ def test_editing_keeps_reference_tokens(models):
     assert images.shape == (2, 16, 16, 3)
 
 
+def test_the_sampler_decodes_with_its_own_compiled_decoder(models, monkeypatch):
+    """The images are the decoder's on the sampled f_hat; on a CPU the float32 decoder is
+    compiled without XLA's YNNPACK fusions (none left in its program, some with the defaults),
+    and an XLA that no longer knows that option falls back to the defaults."""
+    var, vae, sampler = models
+    token_maps, images = sampler(jnp.array([0, 4]), 3, cfg=1.0, top_k=0, top_p=0.0)
+    f_hat = vae.indices_to_fhat(token_maps)
+    expected = (np.asarray(vae.decode_features(f_hat), np.float64) + 1) / 2
+    np.testing.assert_allclose(np.asarray(images), expected, atol=1e-5)
+    graphdef, state = nnx.split(vae)
+    if jax.default_backend() == "cpu":
+        def program(options):
+            fn = sampling._compiled_decoder(graphdef, options)
+            return fn.lower(state, f_hat).compile().as_text()
+        assert "__ynn_fusion" in program(())
+        assert "__ynn_fusion" not in program(sampling._CPU_DECODER_OPTIONS)
+    monkeypatch.setattr(sampling, "_CPU_DECODER_OPTIONS", (("xla_cpu_no_such_option", ""),))
+    monkeypatch.setattr(sampling, "_decoder_options_known", [True])
+    again = sampling.decode_images(graphdef, state, f_hat)
+    np.testing.assert_allclose(np.asarray(again), expected, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        assert sampling._decoder_options_known == [False]
+
+
 def test_bad_arguments(models):
     _, _, sampler = models
     with pytest.raises(ValueError, match="labels_B"):

@@ -1,11 +1,13 @@
-"""Next-scale sampling of a batch as one jit-compiled function.
+"""Next-scale sampling of a batch as one jit-compiled function, then the VQ-VAE decoder.
 
 Why one function: the official sampler is a Python loop of depth x K block calls with a growing
 KV cache; per-call overhead dominates at small batch. Here the K scales are unrolled inside one
 `jax.jit` (each scale has static shapes), every block carries an attention decode state made by
 `attention.init_decode_state` (a preallocated KV cache for exact/flash, O(features x head_dim)
 running sums for poly/favor) that lives inside the compiled program, and the conditional and
-unconditional halves of classifier-free guidance run as one doubled batch.
+unconditional halves of classifier-free guidance run as one doubled batch. The decoder that
+turns the final f_hat into images is a second compiled function (:func:`decode_images`), so that
+it can be compiled with its own XLA options.
 
 Per scale k (ratio = k / (K - 1)), as the official ``autoregressive_infer_cfg``:
 logits = (1 + t) cond - t uncond with t = cfg * ratio; top-k (ties with the k-th value kept), then
@@ -265,10 +267,44 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
             if x_next is not None:
                 nxt = var.embed_scale(si + 1, cond, x_next)
                 tokens = jnp.concatenate([nxt, nxt], axis=0)
-        images = (vae.decode_features(f_hat).astype(jnp.float32) + 1) * 0.5
-        return token_maps, images
+        return token_maps, f_hat
 
     return jax.jit(run)
+
+
+# XLA:CPU runs convolutions through its YNNPACK library fusions by default; for the VQ-VAE
+# decoder's 3x3 convolutions its own (Eigen) convolutions are faster on the CPUs measured (the
+# released decoder at 256 px, float32, interleaved in one process on a 2-core Intel Xeon: 1.83
+# against 2.41 s; docs/sampling_benchmark.md), while the transformer's small-row matmuls are
+# faster with the library. So on a CPU the float32 decoder compiles on its own without those
+# fusions. The option is experimental: where XLA no longer knows it, the defaults are used.
+_CPU_DECODER_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+_decoder_options_known = [True]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_decoder(vae_graphdef, compiler_options: tuple):
+    def decode(vae_state, f_hat):
+        vae = nnx.merge(vae_graphdef, vae_state)
+        return (vae.decode_features(f_hat).astype(jnp.float32) + 1) * 0.5
+
+    return jax.jit(decode, compiler_options=dict(compiler_options) or None)
+
+
+def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
+    """The VQ-VAE decoder as the sampler runs it: f_hat (B, n, n, Cvae) -> images (B, H, W, 3)
+    in [0, 1], jit-compiled once per (model, shape); on a CPU with float32 weights without
+    XLA's YNNPACK fusions (see ``_CPU_DECODER_OPTIONS``)."""
+    floats = [x for x in jax.tree.leaves(vae_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if (_decoder_options_known[0] and jax.default_backend() == "cpu"
+            and all(x.dtype == jnp.float32 for x in floats)):
+        try:
+            return _compiled_decoder(vae_graphdef, _CPU_DECODER_OPTIONS)(vae_state, f_hat_BxnxnxC)
+        except jax.errors.JaxRuntimeError as error:
+            if "No such compile option" not in str(error):
+                raise
+            _decoder_options_known[0] = False
+    return _compiled_decoder(vae_graphdef, ())(vae_state, f_hat_BxnxnxC)
 
 
 class Sampler:
@@ -310,8 +346,9 @@ class Sampler:
             ref, masks = None, None
         fn = _compiled(self.var_graphdef, self.vae_graphdef, int(top_k), float(top_p) > 0,
                        bool(more_smooth), editing)
-        return fn(self.var_state, self.vae_state, labels, _as_key(key),
-                  jnp.float32(cfg), jnp.float32(top_p), ref, masks)
+        token_maps, f_hat = fn(self.var_state, self.vae_state, labels, _as_key(key),
+                               jnp.float32(cfg), jnp.float32(top_p), ref, masks)
+        return token_maps, decode_images(self.vae_graphdef, self.vae_state, f_hat)
 
 
 def sample(var_model, vqvae_model, labels_B, *, key, cfg=1.5, top_k=900, top_p=0.96,
@@ -339,6 +376,6 @@ def edit(var_model, vqvae_model, labels_B, reference_maps, keep_mask, *, key, cf
 
 
 __all__ = ["Sampler", "sample", "edit", "cfg_mix", "filter_top_k_top_p", "sample_categorical",
-           "categorical_from_uniform",
+           "categorical_from_uniform", "decode_images",
            "gumbel_softmax",
            "bilinear_matrix", "edit_keep_masks"]
