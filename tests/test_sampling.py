@@ -199,14 +199,18 @@ def test_editing_keeps_reference_tokens(models):
 
 
 def test_the_sampler_decodes_with_its_own_compiled_decoder(models, monkeypatch):
-    """The images are the decoder's on the sampled f_hat; on a CPU the float32 decoder is
-    compiled without XLA's YNNPACK fusions (none left in its program, some with the defaults),
-    and an XLA that no longer knows that option falls back to the defaults."""
+    """The images are the decoder's on the sampled f_hat, also with the sampler inside a
+    caller's jit; on a CPU the float32 decoder is compiled without XLA's YNNPACK fusions (none
+    left in its program, some with the defaults), and an XLA that no longer knows that option
+    falls back to the defaults."""
     var, vae, sampler = models
-    token_maps, images = sampler(jnp.array([0, 4]), 3, cfg=1.0, top_k=0, top_p=0.0)
+    labels = jnp.array([0, 4])
+    token_maps, images = sampler(labels, 3, cfg=1.0, top_k=0, top_p=0.0)
     f_hat = vae.indices_to_fhat(token_maps)
     expected = (np.asarray(vae.decode_features(f_hat), np.float64) + 1) / 2
     np.testing.assert_allclose(np.asarray(images), expected, atol=1e-5)
+    nested = jax.jit(lambda lab: sampler(lab, 3, cfg=1.0, top_k=0, top_p=0.0)[1])(labels)
+    np.testing.assert_allclose(np.asarray(nested), expected, atol=1e-5)
     graphdef, state = nnx.split(vae)
     if jax.default_backend() == "cpu":
         def program(options):

@@ -294,9 +294,13 @@ def _compiled_decoder(vae_graphdef, compiler_options: tuple):
 def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
     """The VQ-VAE decoder as the sampler runs it: f_hat (B, n, n, Cvae) -> images (B, H, W, 3)
     in [0, 1], jit-compiled once per (model, shape); on a CPU with float32 weights without
-    XLA's YNNPACK fusions (see ``_CPU_DECODER_OPTIONS``)."""
+    XLA's YNNPACK fusions (see ``_CPU_DECODER_OPTIONS``). Called while an outer ``jax.jit``
+    traces (the sampler inside a caller's jit), it becomes part of that program, whose
+    options are the caller's (JAX accepts compiler options on the outermost jit only)."""
     floats = [x for x in jax.tree.leaves(vae_state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    if (_decoder_options_known[0] and jax.default_backend() == "cpu"
+    traced = any(isinstance(x, jax.core.Tracer)
+                 for x in jax.tree.leaves((vae_state, f_hat_BxnxnxC)))
+    if (_decoder_options_known[0] and not traced and jax.default_backend() == "cpu"
             and all(x.dtype == jnp.float32 for x in floats)):
         try:
             return _compiled_decoder(vae_graphdef, _CPU_DECODER_OPTIONS)(vae_state, f_hat_BxnxnxC)
