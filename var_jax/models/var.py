@@ -309,8 +309,8 @@ class SelfAttention(nnx.Module):
         kernel = self.qkv_kernel[...].astype(dtype)
         # Three products instead of one into (B, L, 3, H, D) then sliced: the same sums, but the
         # backward of the slices concatenated the three gradients into a transposed copy before
-        # one dot (on a CPU about 8% of the demo model's train step); on an accelerator the
-        # three products run at the speed of one.
+        # one dot (on a CPU the demo model's train step is 5-8% faster without it; not measured
+        # on an accelerator, where each of the three is still a full-width matmul).
         q, k, v = (jnp.einsum("blc,chd->blhd", x, kernel[:, i]) for i in range(3))
         q = q + self.q_bias[...].astype(dtype)
         v = v + self.v_bias[...].astype(dtype)
