@@ -155,6 +155,57 @@ def gumbel_softmax(key, logits, tau: float):
     return jax.nn.softmax((logits + gumbels) / tau, axis=-1)
 
 
+def draw_scale_tokens(logits_2BxlxV, u_Bxl, t, top_k: int, top_p=None, *,
+                      chunk: int | None = None, with_logits: bool = False):
+    """One scale's draw: guidance (:func:`cfg_mix` at ``t``), :func:`filter_top_k_top_p`, one
+    :func:`categorical_from_uniform` draw per token -> (idx (B, l) int32, the filtered logits
+    (B, l, V) if ``with_logits`` else None).
+
+    ``chunk`` (static) None: at the scale's own shape. An int: the tokens are padded to a
+    multiple of ``chunk`` and drawn ``chunk`` at a time under ``lax.map``, so that every
+    scale runs the same computation at the same shape and XLA compiles its kernels once for
+    the whole sampler instead of once per scale (the filters' bisection loops are most of the
+    sampler's compile time after the blocks). Each token's draw is the same function of its
+    logits and uniform either way; padded tokens (zero logits) are drawn and dropped.
+    """
+    two_b, length, vocab = logits_2BxlxV.shape
+
+    def draw(logits_2BxcxV, u_Bxc):
+        logits = filter_top_k_top_p(cfg_mix(logits_2BxcxV, t), top_k, top_p)
+        return categorical_from_uniform(u_Bxc, logits), (logits if with_logits else None)
+
+    if chunk is None:
+        return draw(logits_2BxlxV, u_Bxl)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    logits = jnp.pad(logits_2BxlxV, ((0, 0), (0, pad), (0, 0)))
+    u = jnp.pad(u_Bxl, ((0, 0), (0, pad)))
+    if n == 1:
+        idx, filtered = draw(logits, u)
+    else:  # chunks first: (n, 2B, chunk, V) and (n, B, chunk)
+        idx, filtered = jax.lax.map(
+            lambda args: draw(*args),
+            (logits.reshape(two_b, n, chunk, vocab).swapaxes(0, 1),
+             u.reshape(u.shape[0], n, chunk).swapaxes(0, 1)))
+        idx = idx.swapaxes(0, 1).reshape(u.shape)
+        if with_logits:
+            filtered = filtered.swapaxes(0, 1).reshape(u.shape + (vocab,))
+    return idx[:, :length], (filtered[:, :length] if with_logits else None)
+
+
+# Tokens per draw in the sampler on a CPU (see draw_scale_tokens): one compiled set of filter
+# kernels for all scales instead of one per scale. Measured on a 2-core Intel Xeon (d16,
+# batch 1, vocabulary 4096): the ten scales' filters and draws compile in 0.8 s instead of
+# 3.5-3.8 s, and run in about the same time as at each scale's own shape (64 tokens: 5 ms a
+# chunk; the last scale's 256 at once: 29 ms). Other backends keep each scale's own shape
+# (one call per scale, no sequential chunks: their compile time was not measured with it).
+_CPU_DRAW_CHUNK = 64
+
+
+def _draw_chunk() -> int | None:
+    return _CPU_DRAW_CHUNK if jax.default_backend() == "cpu" else None
+
+
 def bilinear_matrix(src: int, dst: int) -> np.ndarray:
     """(dst, src) float64 matrix of torch bilinear resizing (align_corners=False, no antialias)."""
     return interp.resize_matrix(src, dst, "bilinear")
@@ -244,13 +295,14 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
         key_idx, key_gumbel = jax.random.split(key)
         uniforms_BxL = jax.random.uniform(key_idx, (batch, config.seq_len), jnp.float32)
         gumbel_keys = jax.random.split(key_gumbel, num_scales) if more_smooth else None
+        draw_chunk = _draw_chunk()
         for si, pn in enumerate(patch_nums):
             ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
             begin, end = var.begin_ends[si]
             logits_2B, states = var.decode_scale(tokens, cond, states, si)
-            logits = cfg_mix(logits_2B, cfg * ratio)
-            logits = filter_top_k_top_p(logits, top_k, top_p if use_top_p else None)
-            idx = categorical_from_uniform(uniforms_BxL[:, begin:end], logits)
+            idx, logits = draw_scale_tokens(logits_2B, uniforms_BxL[:, begin:end], cfg * ratio,
+                                            top_k, top_p if use_top_p else None,
+                                            chunk=draw_chunk, with_logits=more_smooth)
             if more_smooth:
                 tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
                 soft = gumbel_softmax(gumbel_keys[si], logits * (1 + ratio), tau)
