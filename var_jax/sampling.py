@@ -180,7 +180,7 @@ def draw_scale_tokens(logits_2BxlxV, u_Bxl, t, top_k: int, top_p=None, *,
     pad = n * chunk - length
     logits = jnp.pad(logits_2BxlxV, ((0, 0), (0, pad), (0, 0)))
     u = jnp.pad(u_Bxl, ((0, 0), (0, pad)))
-    if n == 1:
+    if n == 1:  # the same kernels without a one-step loop
         idx, filtered = draw(logits, u)
     else:  # chunks first: (n, 2B, chunk, V) and (n, B, chunk)
         idx, filtered = jax.lax.map(
@@ -200,10 +200,6 @@ def draw_scale_tokens(logits_2BxlxV, u_Bxl, t, top_k: int, top_p=None, *,
 # chunk; the last scale's 256 at once: 29 ms). Other backends keep each scale's own shape
 # (one call per scale, no sequential chunks: their compile time was not measured with it).
 _CPU_DRAW_CHUNK = 64
-
-
-def _draw_chunk() -> int | None:
-    return _CPU_DRAW_CHUNK if jax.default_backend() == "cpu" else None
 
 
 def bilinear_matrix(src: int, dst: int) -> np.ndarray:
@@ -295,7 +291,7 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
         key_idx, key_gumbel = jax.random.split(key)
         uniforms_BxL = jax.random.uniform(key_idx, (batch, config.seq_len), jnp.float32)
         gumbel_keys = jax.random.split(key_gumbel, num_scales) if more_smooth else None
-        draw_chunk = _draw_chunk()
+        draw_chunk = _CPU_DRAW_CHUNK if jax.default_backend() == "cpu" else None
         for si, pn in enumerate(patch_nums):
             ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
             begin, end = var.begin_ends[si]
