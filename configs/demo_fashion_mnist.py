@@ -42,10 +42,11 @@ def get_config(arg: str | None = None):
     c.var.model.update(
         depth=6, width=128, num_heads=2, patch_nums=PATCH_NUMS, vocab_size=512, cvae=16,
         num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.1, init_alng=1e-3,
-        # The Python loop over layers: on XLA:CPU the scanned train step of this model runs
-        # at half the speed (0.3 against 0.6 steps/s at width 192, measured 2026-12-02;
-        # docs/scan_layers.md), and six layers compile in seconds either way.
-        scan_layers=False)
+        # The default scanned layout, with the dot outputs saved for the backward pass and the
+        # elementwise work recomputed: on XLA:CPU stacking every saved activation of the scan
+        # costs more than recomputing it (this step: 1.65 steps/s without remat, 2.20-2.26
+        # with, 2.16 for the Python loop over layers; docs/scan_layers.md, 2026-12-06).
+        scan_layers=True, remat="dots_saveable")
     c.var.steps = 1400
     c.var.cache_tokens = True
     c.var.batch_size = 32
