@@ -26,6 +26,7 @@ def _figure_size(grid_h: int, grid_w: int, row_labels: bool, col_labels: bool, t
 def test_tiny_demo_writes_report_table_and_pictures(tmp_path):
     config = tiny_test.get_config()
     config.sample.cfg_sweep = (0.0, 1.5)
+    config.var.model.remat = "dots_saveable"  # the demo config's layer policy
     report = demo.run_demo(config, str(tmp_path))
     saved = json.load(open(tmp_path / "demo_report.json"))
     assert set(saved["samples"]["by_cfg"]) == {"0.0", "1.5"}
