@@ -14,7 +14,7 @@ from flax import nnx
 from var_jax import pretrained, sampling
 from var_jax.convert import var as var_convert
 from var_jax.models import construct
-from var_jax.models.var import VAR, VARConfig
+from var_jax.models.var import VAR, LayerKernels, VARConfig
 from var_jax.models.vqvae import VQVAE, VQVAEConfig
 
 PATCH_NUMS = (1, 2, 3)
@@ -125,25 +125,50 @@ def test_sampler_gives_the_same_tokens_in_both_layouts():
         assert len({int(t) for m in maps_s[1:] for t in np.ravel(m)}) > 1, backend
 
 
-def test_unrolled_decode_equals_the_scanned_one():
-    """decode_scale(unroll_layers=True) (static layer slices, no while loop) is the same
-    function as the scan, logits and decode states, scale after scale."""
-    _, scanned = _pair()
-    cond = scanned.decode_condition(scanned.condition(jnp.array([0, 3])))
+@pytest.mark.parametrize("backend,options", [("exact", {}), ("poly", {"degree": 2})],
+                         ids=["kv_cache", "low_rank"])
+def test_decode_variants_are_one_function(backend, options):
+    """decode_scale of the scanned layout over its stacked kernels, over per-layer kernels
+    read in place (``LayerKernels``, the sampler's path on a CPU) and unrolled (static layer
+    slices, no while loop): the same logits and decode states, scale after scale."""
+    _, scanned = _pair(attn_backend=backend, attn_options=options)
+    cond = scanned.condition(jnp.array([0, 3]))
+    in_place = scanned.decode_condition(cond, LayerKernels.split(scanned.blocks))
+    assert in_place.kernels is not None
+    variants = {"scan": (scanned.decode_condition(cond), False), "in_place": (in_place, False),
+                "unrolled": (scanned.decode_condition(cond), True)}
     results = {}
-    for unroll in (False, True):
+    for name, (condition, unroll) in variants.items():
         states, x, out = scanned.init_decode_states(2), scanned.embed_scale(0, cond), []
         for si in range(len(PATCH_NUMS)):
-            logits, states = scanned.decode_scale(x, cond, states, si, unroll_layers=unroll)
+            logits, states = scanned.decode_scale(x, condition, states, si,
+                                                  unroll_layers=unroll)
             out.append(np.asarray(logits))
             if si + 1 < len(PATCH_NUMS):
                 x = jax.random.normal(jax.random.key(si),
                                       (2, PATCH_NUMS[si + 1] ** 2, scanned.config.width))
-        results[unroll] = (out, jax.tree.leaves(states))
-    for a, b in zip(results[False][0], results[True][0], strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    for a, b in zip(results[False][1], results[True][1], strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        results[name] = (out, jax.tree.leaves(states))
+    for name in ("in_place", "unrolled"):
+        for a, b in zip(results["scan"][0], results[name][0], strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+        for a, b in zip(results["scan"][1], results[name][1], strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_layer_kernels_are_views_of_the_stacked_kernels_on_a_cpu():
+    """On one CPU device the per-layer kernels share the stacked kernel's memory (no copy of
+    the weights per sampling call) and hold its values."""
+    _, scanned = _pair()
+    kernels = LayerKernels.split(scanned.blocks)
+    stacked = scanned.blocks.ffn.fc1.kernel[...]
+    layers = kernels.per_layer["fc1"]
+    assert len(layers) == scanned.config.depth
+    for i, layer in enumerate(layers):
+        np.testing.assert_array_equal(layer, stacked[i])
+    if jax.default_backend() == "cpu":
+        base, step = stacked.unsafe_buffer_pointer(), stacked[0].nbytes
+        assert [a.unsafe_buffer_pointer() - base for a in layers] == \
+            [i * step for i in range(len(layers))]
 
 
 def test_state_dict_round_trip_and_converted_layouts(tmp_path):
@@ -193,10 +218,7 @@ def test_bad_layout_fields_fail_early():
         dataclasses.replace(LOOPED, attn_backend="auto", attn_options={"degree": 2})
 
 
-def test_scanned_sampler_keeps_the_kv_cache_in_place():
-    """The compiled scanned sampler copies no whole stacked KV cache: the caches ride in the
-    layer scan's carry and each layer writes only its new keys and values (scanned as xs / ys
-    they were copied in and out at every layer and between scales)."""
+def _compiled_sampler_hlo(split_kernels: bool):
     vae_cfg = VQVAEConfig.tiny(image_size=12, patch_nums=PATCH_NUMS, vocab_size=16,
                                z_channels=4, use_attn=False, use_mid_attn=False)
     vae = VQVAE(vae_cfg, rngs=nnx.Rngs(1))
@@ -204,10 +226,34 @@ def test_scanned_sampler_keeps_the_kv_cache_in_place():
     sampler = sampling.Sampler(scanned, vae)
     run = sampling._compiled(sampler.var_graphdef, sampler.vae_graphdef, 8, False, False, False)
     labels = jnp.array([0, 3, 4])
+    kernels = LayerKernels.split(scanned.blocks) if split_kernels else None
     hlo = run.lower(sampler.var_state, sampler.vae_state, labels, jax.random.key(0),
-                    jnp.float32(2.0), jnp.float32(0.0), None, None).compile().as_text()
-    cfg = scanned.config
+                    jnp.float32(2.0), jnp.float32(0.0), None, None,
+                    kernels).compile().as_text()
+    return scanned.config, labels, hlo
+
+
+def test_scanned_sampler_keeps_the_kv_cache_in_place():
+    """The compiled scanned sampler copies no whole stacked KV cache: the caches ride in the
+    layer scan's carry and each layer writes only its new keys and values (scanned as xs / ys
+    they were copied in and out at every layer and between scales)."""
+    cfg, labels, hlo = _compiled_sampler_hlo(split_kernels=True)
     stacked = f"f32[{cfg.depth},{2 * len(labels)},{cfg.seq_len},{cfg.num_heads},{cfg.head_dim}]"
     assert f"{stacked}" in hlo  # the cache is there ...
     copies = [line for line in hlo.splitlines() if f"= {stacked}" in line and " copy(" in line]
     assert len(copies) <= 1, copies  # ... and never copied whole (one: k and v made from one zeros)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU buffer behaviour")
+def test_scanned_sampler_reads_layer_kernels_in_place():
+    """With ``LayerKernels`` (the sampler's path on a CPU) no layer's slice of a stacked FFN
+    kernel is cut out at any scale; over the stacked kernels every scale's scan cuts one."""
+    def fc1_slices(hlo, cfg):
+        shape = f"f32[1,{cfg.width},{cfg.hidden}]"
+        return [line for line in hlo.splitlines()
+                if f"= {shape}" in line and "dynamic-slice(" in line]
+
+    cfg, _, hlo_in_place = _compiled_sampler_hlo(split_kernels=True)
+    _, _, hlo_stacked = _compiled_sampler_hlo(split_kernels=False)
+    assert len(fc1_slices(hlo_stacked, cfg)) >= len(PATCH_NUMS)
+    assert fc1_slices(hlo_in_place, cfg) == []

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax import interp
+from var_jax.models.var import LayerKernels
 
 # ----------------------------------------------------------------------------------------------
 # Pure pieces.
@@ -273,7 +274,8 @@ def _as_key(key):
 @functools.lru_cache(maxsize=32)
 def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smooth: bool,
               editing: bool):
-    def run(var_state, vae_state, labels_B, key, cfg, top_p, ref_maps, keep_masks):
+    def run(var_state, vae_state, labels_B, key, cfg, top_p, ref_maps, keep_masks,
+            layer_kernels):
         var = nnx.merge(var_graphdef, var_state)
         vae = nnx.merge(vae_graphdef, vae_state)
         config = var.config
@@ -282,7 +284,7 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
         batch = labels_B.shape[0]
         codebook = vae.codebook
         labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, config.num_classes)])
-        cond = var.decode_condition(var.condition(labels_2B))  # the blocks' AdaLN, once
+        cond = var.decode_condition(var.condition(labels_2B), layer_kernels)  # AdaLN once
         states = var.init_decode_states(2 * batch)
         tokens = var.embed_scale(0, cond)
         f_hat, token_maps = None, []
@@ -378,6 +380,7 @@ class Sampler:
                              f"{vae_cfg.vocab_size})")
         self.config = var_cfg
         self.var_graphdef, self.var_state = nnx.split(var_model)
+        self._stacked_blocks = var_model.blocks if var_cfg.scan_layers else None
         self.vae_graphdef, self.vae_state = nnx.split(vqvae_model)
 
     def __call__(self, labels_B, key, *, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
@@ -398,8 +401,14 @@ class Sampler:
             ref, masks = None, None
         fn = _compiled(self.var_graphdef, self.vae_graphdef, int(top_k), float(top_p) > 0,
                        bool(more_smooth), editing)
+        # On a CPU the scanned layers read their matmul kernels in place, one array per layer
+        # (split without copying), instead of copying a slice of each stacked kernel at every
+        # layer of every scale (models.var.LayerKernels).
+        kernels = (LayerKernels.split(self._stacked_blocks)
+                   if self._stacked_blocks is not None and jax.default_backend() == "cpu"
+                   else None)
         token_maps, f_hat = fn(self.var_state, self.vae_state, labels, _as_key(key),
-                               jnp.float32(cfg), jnp.float32(top_p), ref, masks)
+                               jnp.float32(cfg), jnp.float32(top_p), ref, masks, kernels)
         return token_maps, decode_images(self.vae_graphdef, self.vae_state, f_hat)
 
 

@@ -303,23 +303,40 @@ class SelfAttention(nnx.Module):
         log_max = math.log(self.config.max_temperature)
         return jnp.exp(jnp.minimum(self.scale_mul[...].astype(jnp.float32), log_max))
 
-    def qkv(self, x_BxLxC):
+    def qkv(self, x_BxLxC, kernels: LayerKernels | None = None, *, one_product=False):
+        """q, k, v (B, L, H, D). ``one_product`` (decoding, no backward pass): one product
+        with the whole kernel, its output sliced, instead of three products with slices of
+        the kernel, which XLA:CPU copies first; ``kernels``: that product with this layer's
+        kernel read in place (:class:`LayerKernels`)."""
         dtype = jnp.dtype(self.config.dtype)
         x = x_BxLxC.astype(dtype)
-        kernel = self.qkv_kernel[...].astype(dtype)
-        # Three products instead of one into (B, L, 3, H, D) then sliced: the same sums, but the
-        # backward of the slices concatenated the three gradients into a transposed copy before
-        # one dot (on a CPU the demo model's train step is 5-8% faster without it; not measured
-        # on an accelerator, where each of the three is still a full-width matmul).
-        q, k, v = (jnp.einsum("blc,chd->blhd", x, kernel[:, i]) for i in range(3))
+        if kernels is not None or one_product:
+            if kernels is not None:
+                flat = kernels.product("qkv", x)
+            else:
+                kernel = self.qkv_kernel[...].astype(dtype)
+                flat = jnp.einsum("blc,cn->bln", x, kernel.reshape(kernel.shape[0], -1))
+            qkv = flat.reshape(x.shape[:2] + self.qkv_kernel.shape[-3:])
+            q, k, v = (qkv[:, :, i] for i in range(3))
+        else:
+            kernel = self.qkv_kernel[...].astype(dtype)
+            # Three products instead of one into (B, L, 3, H, D) then sliced: the same sums,
+            # but the backward of the slices concatenated the three gradients into a
+            # transposed copy before one dot (on a CPU the demo model's train step is 5-8%
+            # faster without it; not measured on an accelerator, where each of the three is
+            # still a full-width matmul).
+            q, k, v = (jnp.einsum("blc,chd->blhd", x, kernel[:, i]) for i in range(3))
         q = q + self.q_bias[...].astype(dtype)
         v = v + self.v_bias[...].astype(dtype)
         q = l2_normalize(q) * self.temperature()[:, None].astype(dtype)
         return q, l2_normalize(k), v
 
-    def _out(self, o_BxLxHxD):
+    def _out(self, o_BxLxHxD, kernels: LayerKernels | None = None):
         b, n = o_BxLxHxD.shape[:2]
-        return self.proj(o_BxLxHxD.reshape(b, n, self.config.width))
+        o = o_BxLxHxD.reshape(b, n, self.config.width)
+        if kernels is None:
+            return self.proj(o)
+        return kernels.product("proj", o) + self.proj.bias[...].astype(o.dtype)
 
     def __call__(self, x_BxLxC, rng):
         backend, options = self.config.attention
@@ -328,12 +345,12 @@ class SelfAttention(nnx.Module):
                                              rng=rng, **options)
         return self._out(o)
 
-    def decode(self, x_BxlxC, state, scale_index: int):
+    def decode(self, x_BxlxC, state, scale_index: int, kernels: LayerKernels | None = None):
         backend, options = self.config.attention
-        q, k, v = self.qkv(x_BxlxC)
+        q, k, v = self.qkv(x_BxlxC, kernels, one_product=True)
         o, state = attention.decode_scale(state, q, k, v, scale_index, backend=backend,
                                           **options)
-        return self._out(o), state
+        return self._out(o, kernels), state
 
 
 def init_attention_state(config: VARConfig, batch: int, rng) -> attention.DecodeState:
@@ -353,8 +370,12 @@ class FFN(nnx.Module):
         self.fc2 = nnx.Linear(hidden, c, kernel_init=nnx.initializers.normal(
             std / math.sqrt(2 * config.depth)), **kw)
 
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    def __call__(self, x, kernels: LayerKernels | None = None):
+        if kernels is None:
+            return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        h = kernels.product("fc1", x) + self.fc1.bias[...].astype(x.dtype)
+        h = jax.nn.gelu(h, approximate=True)
+        return kernels.product("fc2", h) + self.fc2.bias[...].astype(h.dtype)
 
 
 class AdaLNSelfAttn(nnx.Module):
@@ -386,13 +407,13 @@ class AdaLNSelfAttn(nnx.Module):
             return cond.astype(dtype) + self.ada_gss[...].astype(dtype)
         return self.ada_lin(cond, dtype)
 
-    def _residuals(self, x, ada_Bx6xC, attend, drop_rate, drop_key):
+    def _residuals(self, x, ada_Bx6xC, attend, drop_rate, drop_key, kernels=None):
         g1, g2, s1, s2, b1, b2 = (ada_Bx6xC[:, None, i] for i in range(6))
         eps = self.config.norm_eps
         keys = (None, None) if drop_key is None else tuple(jax.random.split(drop_key))
         h, extra = attend(modulate(layer_norm(x, eps), s1, b1))
         x = x + drop_path(h * g1, drop_rate, keys[0])
-        h = self.ffn(modulate(layer_norm(x, eps), s2, b2))
+        h = self.ffn(modulate(layer_norm(x, eps), s2, b2), kernels)
         x = x + drop_path(h * g2, drop_rate, keys[1])
         return x, extra
 
@@ -402,11 +423,15 @@ class AdaLNSelfAttn(nnx.Module):
                                layer.drop_rate, layer.drop_key)
         return x
 
-    def decode(self, x_BxlxC, ada_Bx6xC, state, scale_index: int):
+    def decode(self, x_BxlxC, ada_Bx6xC, state, scale_index: int,
+               kernels: LayerKernels | None = None):
         """One scale on the decode state, given this block's modulation (see ``modulation``:
-        the condition is the same at every scale, so the sampler computes it once)."""
+        the condition is the same at every scale, so the sampler computes it once).
+        ``kernels``: this layer's matmul kernels read in place (:class:`LayerKernels`), instead
+        of the module's own."""
         return self._residuals(x_BxlxC, ada_Bx6xC,
-                               lambda h: self.attn.decode(h, state, scale_index), 0.0, None)
+                               lambda h: self.attn.decode(h, state, scale_index, kernels), 0.0,
+                               None, kernels)
 
 
 class AdaLNBeforeHead(nnx.Module):
@@ -435,14 +460,76 @@ class LayerInputs:
         return jax.tree.map(lambda a: a[i], self)
 
 
+def _single_cpu_array(x) -> bool:
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            and len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu")
+
+
+# The blocks' matmul kernels by name: where each lives in a block.
+_KERNEL_PATHS = {"qkv": ("attn", "qkv_kernel"), "proj": ("attn", "proj", "kernel"),
+                 "fc1": ("ffn", "fc1", "kernel"), "fc2": ("ffn", "fc2", "kernel")}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKernels:
+    """The stacked blocks' matmul kernels as one array per layer, read by layer index.
+
+    Why: inside a scan over layers XLA:CPU copies each layer's dynamic slice of a stacked
+    kernel into a new buffer before the dot (at d16, 50 MB a layer at every scale: about 8 GB
+    of copying a sample). A dot inside a ``lax.switch`` branch over separate per-layer arrays
+    reads its kernel where it lies, as the looped layout's dots do. For sampling only (a
+    switch's backward pass would touch every layer's gradient), where the copies are slow (the
+    sampler uses it on a CPU).
+    """
+
+    per_layer: dict                 # name -> tuple of depth arrays (C_in, ...)
+    layer: jax.Array | None = None  # () int32, the layer a scan step reads
+
+    @classmethod
+    def split(cls, stacked_blocks) -> LayerKernels:
+        """Per-layer kernels of stacked blocks. Concrete arrays on one CPU device are split
+        without copying (each layer a view of the stacked buffer: a numpy slice put back on
+        the device, which XLA:CPU takes zero-copy when aligned, else copies); traced or other
+        arrays by slicing (a copy)."""
+        per_layer = {}
+        for name, path in _KERNEL_PATHS.items():
+            node = stacked_blocks
+            for attr in path:
+                node = getattr(node, attr)
+            kernel = node[...]
+            if _single_cpu_array(kernel):
+                host = np.asarray(kernel)  # a view of the device buffer on a CPU
+                device = next(iter(kernel.devices()))
+                per_layer[name] = tuple(jax.device_put(host[i], device)
+                                        for i in range(kernel.shape[0]))
+            else:
+                per_layer[name] = tuple(kernel[i] for i in range(kernel.shape[0]))
+        return cls(per_layer)
+
+    def at(self, layer) -> LayerKernels:
+        return dataclasses.replace(self, layer=layer)
+
+    def product(self, name: str, x_BxLxCin) -> jax.Array:
+        """x @ (this layer's kernel ``name``, its output axes flattened) -> (B, L, N)."""
+        def dot(x, kernel):  # lax.dot_general: traced once per layer, scale and product
+            flat = kernel.reshape(kernel.shape[0], -1).astype(x.dtype)
+            return jax.lax.dot_general(x, flat, (((2,), (0,)), ((), ())))
+
+        branches = [functools.partial(dot, kernel=k) for k in self.per_layer[name]]
+        return jax.lax.switch(self.layer, branches, x_BxLxCin)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeCondition:
-    """The class condition of a sampling run, computed once for all scales: ``cond`` (B, C)
-    for the head and the start token, ``ada`` (depth, B, 6, C) every block's modulation."""
+    """What a sampling run computes once for all scales: ``cond`` (B, C) for the head and the
+    start token, ``ada`` (depth, B, 6, C) every block's modulation, and optionally ``kernels``
+    (:class:`LayerKernels`, scanned layout: the matmul kernels split per layer)."""
 
     cond: jax.Array
     ada: jax.Array
+    kernels: LayerKernels | None = None
 
 
 def _checkpointed(fn, policy_name: str):
@@ -669,15 +756,25 @@ class VAR(nnx.Module):
         return [init_attention_state(self.config, batch, rngs[i])
                 for i in range(self.config.depth)]
 
-    def decode_condition(self, cond_BxC) -> DecodeCondition:
-        """The per-block modulations of a sampling run, computed once instead of per scale."""
+    def decode_condition(self, cond_BxC, kernels: LayerKernels | None = None
+                         ) -> DecodeCondition:
+        """The per-block modulations of a sampling run, computed once instead of per scale.
+        ``kernels`` (scanned layout; ``LayerKernels.split(self.blocks)``): the matmul kernels
+        the scanned decode reads in place instead of slicing the stacked ones."""
         if isinstance(cond_BxC, DecodeCondition):
             return cond_BxC
         block_cond = self.block_condition(cond_BxC)
-        over_layers = scan_blocks if self.config.scan_layers else loop_blocks
-        _, ada = over_layers(lambda block, carry, _: (carry, block.modulation(block_cond)),
-                             None, self.blocks, jnp.arange(self.config.depth))
-        return DecodeCondition(cond_BxC, ada)
+        if self.config.scan_layers:  # every layer at once: a batched product, no layer slices
+            graphdef, params = nnx.split(self.blocks)
+            # The condition broadcast along the layer axis too, so that the product is batched
+            # on both sides (a condition shared by all layers made XLA transpose the stacked
+            # kernels first).
+            conds = jnp.broadcast_to(block_cond, (self.config.depth,) + block_cond.shape)
+            ada = jax.vmap(lambda p, c: nnx.merge(graphdef, p).modulation(c))(params, conds)
+        else:
+            _, ada = loop_blocks(lambda block, carry, _: (carry, block.modulation(block_cond)),
+                                 None, self.blocks, jnp.arange(self.config.depth))
+        return DecodeCondition(cond_BxC, ada, kernels if self.config.scan_layers else None)
 
     def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int, *,
                      unroll_layers: bool = False):
@@ -689,23 +786,26 @@ class VAR(nnx.Module):
         same function, faster on XLA:CPU, slower to compile.
         """
         condition = self.decode_condition(condition)
+        kernels = condition.kernels if self.config.scan_layers else None
 
         def step(block, x, inputs):
-            ada, state = inputs
-            return block.decode(x, ada, state, scale_index)
+            (ada, layer), state = inputs
+            layer_kernels = None if kernels is None else kernels.at(layer)
+            return block.decode(x, ada, state, scale_index, layer_kernels)
 
+        per_layer = (condition.ada, jnp.arange(self.config.depth))
         if self.config.scan_layers and not unroll_layers and \
                 attention.registry.get(states.backend).kv_cache:
             begin, end = self.begin_ends[scale_index]
-            x, states = scan_blocks_kv_cache(step, tokens_BxlxC, self.blocks, condition.ada,
+            x, states = scan_blocks_kv_cache(step, tokens_BxlxC, self.blocks, per_layer,
                                              states, begin, end)
         elif self.config.scan_layers:
             over_layers = unroll_blocks if unroll_layers else scan_blocks
-            x, states = over_layers(step, tokens_BxlxC, self.blocks, (condition.ada, states))
+            x, states = over_layers(step, tokens_BxlxC, self.blocks, (per_layer, states))
         else:  # a list of per-layer states in, a list out
             x, new_states = tokens_BxlxC, []
             for i, (block, state) in enumerate(zip(self.blocks, states, strict=True)):
-                x, state = step(block, x, (condition.ada[i], state))
+                x, state = step(block, x, ((condition.ada[i], i), state))
                 new_states.append(state)
             states = new_states
         return self.logits(x, condition.cond), states
