@@ -380,7 +380,12 @@ class Sampler:
                              f"{vae_cfg.vocab_size})")
         self.config = var_cfg
         self.var_graphdef, self.var_state = nnx.split(var_model)
-        self._stacked_blocks = var_model.blocks if var_cfg.scan_layers else None
+        # On a CPU the scanned layers read their matmul kernels in place, one array per layer
+        # (split once here, without copying), instead of copying a slice of each stacked
+        # kernel at every layer of every scale (models.var.LayerKernels).
+        self.layer_kernels = (LayerKernels.split(var_model.blocks)
+                              if var_cfg.scan_layers and jax.default_backend() == "cpu"
+                              else None)
         self.vae_graphdef, self.vae_state = nnx.split(vqvae_model)
 
     def __call__(self, labels_B, key, *, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
@@ -401,14 +406,9 @@ class Sampler:
             ref, masks = None, None
         fn = _compiled(self.var_graphdef, self.vae_graphdef, int(top_k), float(top_p) > 0,
                        bool(more_smooth), editing)
-        # On a CPU the scanned layers read their matmul kernels in place, one array per layer
-        # (split without copying), instead of copying a slice of each stacked kernel at every
-        # layer of every scale (models.var.LayerKernels).
-        kernels = (LayerKernels.split(self._stacked_blocks)
-                   if self._stacked_blocks is not None and jax.default_backend() == "cpu"
-                   else None)
         token_maps, f_hat = fn(self.var_state, self.vae_state, labels, _as_key(key),
-                               jnp.float32(cfg), jnp.float32(top_p), ref, masks, kernels)
+                               jnp.float32(cfg), jnp.float32(top_p), ref, masks,
+                               self.layer_kernels)
         return token_maps, decode_images(self.vae_graphdef, self.vae_state, f_hat)
 
 

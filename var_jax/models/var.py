@@ -311,11 +311,8 @@ class SelfAttention(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         x = x_BxLxC.astype(dtype)
         if kernels is not None or one_product:
-            if kernels is not None:
-                flat = kernels.product("qkv", x)
-            else:
-                kernel = self.qkv_kernel[...].astype(dtype)
-                flat = jnp.einsum("blc,cn->bln", x, kernel.reshape(kernel.shape[0], -1))
+            flat = (kernels.product("qkv", x) if kernels is not None
+                    else flat_product(x, self.qkv_kernel[...]))
             qkv = flat.reshape(x.shape[:2] + self.qkv_kernel.shape[-3:])
             q, k, v = (qkv[:, :, i] for i in range(3))
         else:
@@ -460,6 +457,14 @@ class LayerInputs:
         return jax.tree.map(lambda a: a[i], self)
 
 
+def flat_product(x_BxLxCin, kernel) -> jax.Array:
+    """x @ kernel (C_in, ...) with the kernel's output axes flattened -> (B, L, N), in x's
+    dtype. ``lax.dot_general`` rather than einsum: the sampler traces it once per layer, scale
+    and product (``LayerKernels.product``)."""
+    flat = kernel.reshape(kernel.shape[0], -1).astype(x_BxLxCin.dtype)
+    return jax.lax.dot_general(x_BxLxCin, flat, (((2,), (0,)), ((), ())))
+
+
 def _single_cpu_array(x) -> bool:
     return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
             and len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu")
@@ -511,12 +516,8 @@ class LayerKernels:
         return dataclasses.replace(self, layer=layer)
 
     def product(self, name: str, x_BxLxCin) -> jax.Array:
-        """x @ (this layer's kernel ``name``, its output axes flattened) -> (B, L, N)."""
-        def dot(x, kernel):  # lax.dot_general: traced once per layer, scale and product
-            flat = kernel.reshape(kernel.shape[0], -1).astype(x.dtype)
-            return jax.lax.dot_general(x, flat, (((2,), (0,)), ((), ())))
-
-        branches = [functools.partial(dot, kernel=k) for k in self.per_layer[name]]
+        """:func:`flat_product` with this layer's kernel ``name``, read in place."""
+        branches = [functools.partial(flat_product, kernel=k) for k in self.per_layer[name]]
         return jax.lax.switch(self.layer, branches, x_BxLxCin)
 
 
@@ -774,7 +775,7 @@ class VAR(nnx.Module):
         else:
             _, ada = loop_blocks(lambda block, carry, _: (carry, block.modulation(block_cond)),
                                  None, self.blocks, jnp.arange(self.config.depth))
-        return DecodeCondition(cond_BxC, ada, kernels if self.config.scan_layers else None)
+        return DecodeCondition(cond_BxC, ada, kernels)
 
     def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int, *,
                      unroll_layers: bool = False):
