@@ -242,8 +242,10 @@ def _nearest_up2_then_conv3x3(x_BxHxWxI, kernel_3x3xIxO, bias_O, precision):
 def _conv3x3_at_low_resolution(x_BxHxWxI, kernel_3x3xIxO, bias_O, precision):
     batch, height, width, _ = x_BxHxWxI.shape
     cout = kernel_3x3xIxO.shape[-1]
-    folded = _fold_3x3_for_nearest_up2(kernel_3x3xIxO)
-    dtype = jnp.result_type(x_BxHxWxI, folded)
+    dtype = jnp.result_type(x_BxHxWxI, kernel_3x3xIxO)
+    # Up to four weights summed per tap: in at least float32, rounded once to the compute dtype.
+    folded = _fold_3x3_for_nearest_up2(
+        kernel_3x3xIxO.astype(jnp.promote_types(kernel_3x3xIxO.dtype, jnp.float32)))
     phases = jax.lax.conv_general_dilated(
         x_BxHxWxI.astype(dtype), folded.astype(dtype), (1, 1), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
