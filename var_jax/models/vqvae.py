@@ -229,14 +229,18 @@ def _fold_3x3_for_nearest_up2(kernel_3x3xIxO: jax.Array) -> jax.Array:
     return jnp.stack(phases, axis=3).reshape(2, 2, cin, 4 * cout)
 
 
+def _conv_pad1(x_BxHxWxI, kernel_KxKxIxO, dtype, precision):
+    """Stride-1 NHWC conv with zero padding 1 on every side, in ``dtype``."""
+    return jax.lax.conv_general_dilated(
+        x_BxHxWxI.astype(dtype), kernel_KxKxIxO.astype(dtype), (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+
+
 def _nearest_up2_then_conv3x3(x_BxHxWxI, kernel_3x3xIxO, bias_O, precision):
     """The official form: the upsampled copy, then the 3x3 conv."""
     upsampled = jnp.repeat(jnp.repeat(x_BxHxWxI, 2, axis=1), 2, axis=2)
     dtype = jnp.result_type(upsampled, kernel_3x3xIxO)
-    out = jax.lax.conv_general_dilated(
-        upsampled.astype(dtype), kernel_3x3xIxO.astype(dtype), (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-    return out + bias_O.astype(dtype)
+    return _conv_pad1(upsampled, kernel_3x3xIxO, dtype, precision) + bias_O.astype(dtype)
 
 
 def _conv3x3_at_low_resolution(x_BxHxWxI, kernel_3x3xIxO, bias_O, precision):
@@ -246,9 +250,7 @@ def _conv3x3_at_low_resolution(x_BxHxWxI, kernel_3x3xIxO, bias_O, precision):
     # Up to four weights summed per tap: in at least float32, rounded once to the compute dtype.
     folded = _fold_3x3_for_nearest_up2(
         kernel_3x3xIxO.astype(jnp.promote_types(kernel_3x3xIxO.dtype, jnp.float32)))
-    phases = jax.lax.conv_general_dilated(
-        x_BxHxWxI.astype(dtype), folded.astype(dtype), (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    phases = _conv_pad1(x_BxHxWxI, folded, dtype, precision)
     phases = phases.reshape(batch, height + 1, width + 1, 2, 2, cout)
     rows = [jnp.stack([phases[:, a:a + height, b:b + width, a, b] for b in range(2)], axis=3)
             for a in range(2)]  # each (B, H, W, 2, O): the columns 2j, 2j+1 of output row 2i+a
