@@ -44,6 +44,35 @@ def test_lin0_and_wd_schedules_match_the_official_formulas():
     assert optim.peak_lr(1e-4, 768) == pytest.approx(3e-4)
 
 
+def test_scale_loss_weights_reweigh_the_per_scale_token_means():
+    """The VAR loss sum_k w_k * mean NLL of scale k equals a float64 token mean in which a token
+    of scale k weighs (pn_k ** 2) ** -power: power 0 the official loss, 1 scales alike."""
+    from var_jax.train import var_recipe
+
+    patch_nums = (1, 2, 3, 5)
+    counts = np.array([p * p for p in patch_nums])
+    scale_of = np.repeat(np.arange(len(patch_nums)), counts)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, counts.sum(), 7)) * 2
+    targets = rng.integers(0, 7, size=(3, counts.sum()))
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]  # (B, L) float64
+    m = var_recipe.token_metrics(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                 patch_nums)
+    for power in (0.0, 0.3, 0.5, 1.0):
+        w = var_recipe.scale_loss_weights(patch_nums, power)
+        assert w.sum() == pytest.approx(1.0, rel=1e-6)
+        token_w = counts[scale_of] ** -power
+        want = (ce * token_w).sum() / (len(ce) * token_w.sum())
+        got = float(jnp.sum(w * m["nll_per_scale"]))
+        assert got == pytest.approx(want, rel=1e-5)
+    assert float(jnp.sum(var_recipe.scale_loss_weights(patch_nums, 0.0) * m["nll_per_scale"])
+                 ) == pytest.approx(ce.mean(), rel=1e-5)
+    per_scale = [ce[:, scale_of == k].mean() for k in range(len(patch_nums))]
+    assert float(jnp.sum(var_recipe.scale_loss_weights(patch_nums, 1.0) * m["nll_per_scale"])
+                 ) == pytest.approx(np.mean(per_scale), rel=1e-5)
+
+
 def test_var_weight_decay_groups_and_adamw_update():
     from var_jax.models.var import VAR
 
@@ -404,6 +433,10 @@ def test_stacked_layer_axis_is_never_split_and_threshold_is_config_data():
 
 
 def test_bad_inputs_name_the_field_or_flag():
+    c = tiny_test.get_config()
+    c.var.scale_weight_power = 1.5
+    with pytest.raises(ValueError, match=r"var\.scale_weight_power must be a number in \[0, 1\]"):
+        config_lib.validate(c)
     c = tiny_test.get_config()
     c.mesh.data, c.mesh.fsdp = 4, 4
     with pytest.raises(ValueError, match=r"mesh\.data x mesh\.fsdp must equal the 8 devices"):

@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.var = dict(
         model=model_group(VARConfig), steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50,
         wp0=0.005, wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
-        tokenizer_workdir="", eval_examples=2000, cache_tokens=False)
+        tokenizer_workdir="", eval_examples=2000, cache_tokens=False, scale_weight_power=0.0)
     c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=8,
                     eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
     c.classifier = dict(steps=1500, batch_size=128, lr=2e-3)
@@ -159,6 +159,11 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
         group, field = name.split(".")
         if not 0 <= config[group][field] < 1:
             raise ValueError(f"config: {name} must be in [0, 1), found {config[group][field]!r}")
+    power = config.var.scale_weight_power
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power <= 1:
+        raise ValueError(f"config: var.scale_weight_power must be a number in [0, 1] (0: the "
+                         f"official mean over tokens, 1: every scale weighs the same), found "
+                         f"{power!r}")
     if not 0 <= config.sample.top_p <= 1:
         raise ValueError(f"config: sample.top_p must be in [0, 1], found {config.sample.top_p}")
     mesh = config.mesh

@@ -83,6 +83,15 @@ def token_metrics(logits_BxLxV, targets_BxL, patch_nums) -> dict:
             "acc_per_scale": per_scale_means(correct, patch_nums)}
 
 
+def scale_loss_weights(patch_nums, power: float) -> np.ndarray:
+    """Weights of the scales' mean token NLLs in the training loss, summing to 1: a token of
+    scale k weighs in proportion to (pn_k ** 2) ** -power. power 0 is the official loss (the mean
+    over all tokens, so each scale by its token count); power 1 weighs the scales equally."""
+    counts = np.asarray([pn * pn for pn in patch_nums], np.float64)
+    w = counts ** (1.0 - power)
+    return (w / w.sum()).astype(np.float32)
+
+
 class VARRecipe(loop.RecipeDefaults):
     name = "var"
 
@@ -96,6 +105,7 @@ class VARRecipe(loop.RecipeDefaults):
         self.tokenizer = tokenizer
         self.vq_graphdef, self.vq_state = nnx.split(tokenizer)
         self.patch_nums = self.model_config.patch_nums
+        self.scale_weights = scale_loss_weights(self.patch_nums, self.cfg.scale_weight_power)
         self._eval = None
 
     def create_model(self, key) -> var_lib.VAR:
@@ -130,10 +140,11 @@ class VARRecipe(loop.RecipeDefaults):
         targets, x = self.tokens(frozen, batch["image"], batch.get("index"))
         logits = model(batch["label"], x, deterministic=False, rngs=key)
         m = token_metrics(logits, targets, self.patch_nums)
-        metrics = {"acc": m["acc"], "loss_last": m["nll_per_scale"][-1],
+        loss = jnp.sum(self.scale_weights * m["nll_per_scale"])
+        metrics = {"nll": m["nll"], "acc": m["acc"], "loss_last": m["nll_per_scale"][-1],
                    "acc_last": m["acc_per_scale"][-1],
                    "loss_per_scale": m["nll_per_scale"], "acc_per_scale": m["acc_per_scale"]}
-        return m["nll"], metrics
+        return loss, metrics
 
     # -- evaluation (host side) -----------------------------------------------------------------
     def _eval_data(self):
