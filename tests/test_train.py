@@ -144,11 +144,11 @@ class ToyRecipe(loop.RecipeDefaults):
 
     name = "toy"
 
-    def __init__(self, steps):
-        self.steps, self.batch_size = steps, 8
+    def __init__(self, steps, num_classes=10):
+        self.steps, self.batch_size, self.num_classes = steps, 8, num_classes
 
     def create_model(self, key):
-        return nnx.Linear(8 * 8 * 3, 10, rngs=nnx.Rngs(params=key))
+        return nnx.Linear(8 * 8 * 3, self.num_classes, rngs=nnx.Rngs(params=key))
 
     def optimizer(self):
         lr = optim.lin0_schedule(0.05, self.steps, 1)
@@ -266,6 +266,14 @@ def test_var_two_steps_on_the_frozen_tokenizer_with_token_cache(tiny_workdir):
     batch = data.normalize({"image": source.images[:8], "label": source.labels[:8]})
     fresh = flatten_token_maps(tokenizer.images_to_indices(jnp.asarray(batch["image"])))
     np.testing.assert_array_equal(cache[:8], np.asarray(fresh))
+    # The same parameters under another scale schedule give other tokens: the cache is rebuilt.
+    from var_jax.train import tokenizer_recipe
+
+    finer = tiny_test.get_config()
+    finer.tokenizer.model.patch_nums = (1, 2, 3, 4)
+    other = tokenizer_recipe.TokenizerRecipe(finer).create_model(jax.random.key(1)).vqvae
+    nnx.update(other, nnx.state(tokenizer, nnx.Param))
+    assert var_recipe.build_token_cache(finer, other, cache_path).shape == (len(source), 30)
     assert summary["step"] == 2 and summary["checkpoints"] == [2]
     # Near-uniform predictions over 16 codes after 2 steps.
     assert abs(summary["eval"]["token_nll"] - math.log(16)) < 0.5
@@ -414,6 +422,27 @@ def test_half_written_checkpoints_are_passed_over_with_a_warning(tmp_path, capsy
     again.run()
     again.close()
     assert again.step == 6 and 6 in again.checkpointer.all_steps()
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name_and_left_in_place(tmp_path):
+    first = loop.Trainer(ToyRecipe(4), _toy_config(every=2), str(tmp_path))
+    first.run(num_steps=4)
+    saved = _params(first)
+    first.close()
+    ckpts = tmp_path / "toy" / "checkpoints"
+    # Another config (12 outputs instead of 10) is a mistake to report, not a broken save to
+    # pass over: resuming must neither start afresh nor move the checkpoints aside.
+    with pytest.raises(ValueError, match=r"step 4 .*another model.*params/kernel/value: "
+                                         r"checkpoint \(192, 10\), config \(192, 12\)"):
+        loop.Trainer(ToyRecipe(4, num_classes=12), _toy_config(every=2), str(tmp_path))
+    with pytest.raises(ValueError, match=r"params/bias/value: checkpoint \(10,\), config "):
+        loop.restore_model(ToyRecipe(4, num_classes=12), str(tmp_path / "toy"), step=2)
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+    again = loop.Trainer(ToyRecipe(4), _toy_config(every=2), str(tmp_path))
+    assert again.step == 4
+    for a, b in zip(saved, _params(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    again.close()
 
 
 def test_stacked_layer_axis_is_never_split_and_threshold_is_config_data():

@@ -10,6 +10,9 @@ and restore (Orbax writes each array shard from the process that holds it).
 A save that was interrupted leaves either an Orbax temporary folder (never listed as a step) or a
 step folder whose contents do not restore; `restore_latest` passes over both with a warning and
 moves the broken folder aside, so the last complete checkpoint is used and never overwritten.
+A checkpoint that reads but holds other arrays than the model being restored (a changed config:
+another depth, width or scale schedule) is not broken: restoring it raises a ValueError naming
+the arrays that differ, and the folder stays where it is.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -58,8 +62,36 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """{array path: shape} of the state saved at `step`, or None when its metadata does not
+        read (a save that did not finish)."""
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory) / str(step) / "state")
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves}
+        except Exception:  # noqa: BLE001 - any failure to read means a broken folder
+            return None
+
+    def check_matches(self, step: int, abstract_state) -> None:
+        """Raises a ValueError naming the arrays in which the checkpoint at `step` differs from
+        `abstract_state` (a config that does not describe the checkpointed model)."""
+        saved = self.saved_shapes(step)
+        if saved is None:
+            return  # unreadable: left to the restore, which fails and sets it aside
+        problems = mismatches(saved, {
+            _path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]})
+        if problems:
+            raise ValueError(
+                f"checkpoint: step {step} in {self.directory} holds another model than the "
+                f"config describes ({len(problems)} of its arrays differ; is the config the one "
+                f"the run was trained with?): " + "; ".join(problems[:6])
+                + ("; ..." if len(problems) > 6 else ""))
+
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state, meta); abstract_state carries the target shardings."""
+        self.check_matches(step, abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -74,6 +106,7 @@ class Checkpointer:
                     _warn(f"checkpoint: passing over {name!r} in {self.directory}, a save that "
                           f"did not finish")
         for step in sorted(self.all_steps(), reverse=True):
+            self.check_matches(step, abstract_state)  # a config mismatch is not a broken save
             try:
                 return (step, *self.restore(step, abstract_state))
             except Exception as e:
@@ -99,6 +132,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_name(path) -> str:
+    """'params/blocks/attn/qkv/kernel'-style name of a pytree path (dict keys, sequence indices
+    and attribute names alike, as both Orbax's metadata and the live state spell them)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def mismatches(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str]:
+    """What differs between two {array path: shape} maps, each line naming the path."""
+    problems = [f"{name}: checkpoint {saved[name]}, config {shape}"
+                for name, shape in expected.items() if name in saved and saved[name] != shape]
+    problems += [f"{name}: in the config, not in the checkpoint"
+                 for name in expected if name not in saved]
+    problems += [f"{name}: in the checkpoint, not in the config"
+                 for name in saved if name not in expected]
+    # The parameters first: the optimizer's moments repeat each parameter's difference.
+    return sorted(problems, key=lambda line: line.startswith("opt_state"))
 
 
 def abstract_with_shardings(state, shardings):

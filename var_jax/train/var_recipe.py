@@ -43,17 +43,20 @@ def load_trained_var(config, tokenizer: VQVAE, var_dir: str, step: int | None = 
 
 def build_token_cache(config, tokenizer: VQVAE, path: str, batch_size: int = 500) -> np.ndarray:
     """Token maps (N, L) int32 of every training example, in source order; reused from `path`
-    when it was built from the same data and the same tokenizer parameters."""
+    when it was built from the same data, tokenizer parameters and scale schedule."""
     source = data_lib.make_source(config.data, "train")
     if not isinstance(source, data_lib.ArraySource):
         raise ValueError("var.cache_tokens: expected an in-memory source (fashion_mnist, "
                          f"digits), found {type(source).__name__}")
     leaves = jax.tree.leaves(nnx.state(tokenizer, nnx.Param))
     fingerprint = float(sum(float(jnp.sum(jnp.abs(x))) for x in leaves))
+    # The same parameters give other tokens under another scale schedule, so both are checked.
+    patch_nums = np.asarray(tokenizer.patch_nums, np.int32)
     if os.path.exists(path):
         with np.load(path) as cached:
             if cached["tokens"].shape[0] == len(source) and \
-                    float(cached["fingerprint"]) == fingerprint:
+                    float(cached["fingerprint"]) == fingerprint and \
+                    "patch_nums" in cached and np.array_equal(cached["patch_nums"], patch_nums):
                 return cached["tokens"]
     encode = nnx.jit(lambda vq, x: var_lib.flatten_token_maps(vq.images_to_indices(x)))
     parts = []
@@ -64,7 +67,8 @@ def build_token_cache(config, tokenizer: VQVAE, path: str, batch_size: int = 500
     tokens = np.concatenate(parts).astype(np.int32)
     if jax.process_index() == 0:  # every process computed the same tokens; one file
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", tokens=tokens, fingerprint=fingerprint)
+        np.savez(path + ".tmp.npz", tokens=tokens, fingerprint=fingerprint,
+                 patch_nums=patch_nums)
         os.replace(path + ".tmp.npz", path)
     return tokens
 
