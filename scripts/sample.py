@@ -30,6 +30,8 @@ flags.DEFINE_integer("per_class", 4, "Images per class (grid columns).")
 flags.DEFINE_integer("batch_size", 16, "Images per sampler call.")
 flags.DEFINE_integer("seed", 0, "Seed; batch i uses seed + i.")
 flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance scale (ramped over the scales).")
+flags.DEFINE_float("guidance_power", 1.0, "Shape of the ramp: guidance cfg * (k / (K - 1)) ** "
+                   "power at scale k; 1 is the official linear ramp.")
 flags.DEFINE_integer("top_k", 900, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 0.96, "Top-p filter (0 = off).")
 flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax mixing of the codes.")
@@ -61,7 +63,8 @@ def main(argv):
     def sample_batch(labels, i):
         start = time.perf_counter()
         out = pipe.sample(labels, seed=FLAGS.seed + i, cfg=FLAGS.cfg, top_k=FLAGS.top_k,
-                          top_p=FLAGS.top_p, more_smooth=FLAGS.more_smooth)
+                          top_p=FLAGS.top_p, more_smooth=FLAGS.more_smooth,
+                          guidance_power=FLAGS.guidance_power)
         out = np.asarray(jax.device_get(out), np.float32)
         print(f"batch {i + 1}/{num_batches}: {len(labels)} images in "
               f"{time.perf_counter() - start:.2f} s", flush=True)

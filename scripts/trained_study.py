@@ -186,7 +186,7 @@ def main(argv):
             if reference is None:
                 reference = greedy
             key = jax.random.key(config.seed + 123)
-            opts = dict(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+            opts = dict(cfg=s.cfg, **var_recipe.sample_options(s))
             var_recipe.generate(m, vqvae, labels[:250], key, **opts)  # compile
             t = time.time()
             images = var_recipe.generate(m, vqvae, labels, key, **opts)

@@ -175,12 +175,16 @@ def test_sampling_is_reproducible_and_shaped(models):
     assert any(not np.array_equal(a, c) for a, c in zip(maps_a, maps_c, strict=True))
 
 
-def test_greedy_tokens_are_argmax_of_guided_teacher_forcing(models):
-    """The sampler's tokens, teacher-forced back through the model, are the CFG-mixed argmax."""
+@pytest.mark.parametrize("guidance_power", [1.0, 2.0, 0.0])
+def test_greedy_tokens_are_argmax_of_guided_teacher_forcing(models, guidance_power):
+    """The sampler's tokens, teacher-forced back through the model, are the CFG-mixed argmax,
+    with the guidance cfg * (k / (K - 1)) ** guidance_power at scale k (1: the official ramp;
+    0: the same guidance at every scale)."""
     var, vae, sampler = models
     labels = jnp.array([1, 4])
     cfg = 2.0
-    maps, _ = sampler(labels, jax.random.key(0), cfg=cfg, top_k=1, top_p=0.0)
+    maps, _ = sampler(labels, jax.random.key(0), cfg=cfg, top_k=1, top_p=0.0,
+                      guidance_power=guidance_power)
 
     @nnx.jit
     def guided(var, vae, labels, maps):
@@ -192,7 +196,7 @@ def test_greedy_tokens_are_argmax_of_guided_teacher_forcing(models):
     both = np.asarray(guided(var, vae, labels, maps))
     begin = 0
     for k, pn in enumerate(PATCH_NUMS):
-        t = cfg * k / (len(PATCH_NUMS) - 1)
+        t = cfg * (k / (len(PATCH_NUMS) - 1)) ** guidance_power
         mixed = (1 + t) * both[:2, begin:begin + pn * pn] - t * both[2:, begin:begin + pn * pn]
         np.testing.assert_array_equal(np.asarray(maps[k]).reshape(2, -1), mixed.argmax(-1))
         begin += pn * pn
@@ -261,6 +265,8 @@ def test_bad_arguments(models):
         sampler(jnp.array([0]), 0, top_k=0, top_p=1.5)
     with pytest.raises(ValueError, match="key"):
         sampler(jnp.array([0]), "seed", top_k=0)
+    with pytest.raises(ValueError, match="guidance_power must be a finite number >= 0"):
+        sampler(jnp.array([0]), 0, top_k=0, guidance_power=-1.0)
     other = VARConfig.tiny(width=32, patch_nums=(1, 2), vocab_size=32, cvae=8)
     var = nnx.eval_shape(lambda: VAR(other, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="patch_nums"):

@@ -467,6 +467,10 @@ def test_bad_inputs_name_the_field_or_flag():
     with pytest.raises(ValueError, match=r"var\.scale_weight_power must be a number in \[0, 1\]"):
         config_lib.validate(c)
     c = tiny_test.get_config()
+    c.sample.guidance_power = -0.5
+    with pytest.raises(ValueError, match=r"sample\.guidance_power must be a finite number >= 0"):
+        config_lib.validate(c)
+    c = tiny_test.get_config()
     c.mesh.data, c.mesh.fsdp = 4, 4
     with pytest.raises(ValueError, match=r"mesh\.data x mesh\.fsdp must equal the 8 devices"):
         config_lib.validate(c, num_devices=8)

@@ -29,3 +29,11 @@ def positive_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def non_negative_number(name: str, value) -> float:
+    """``value`` as a float if it is a finite real number >= 0 (not a bool); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

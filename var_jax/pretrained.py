@@ -95,15 +95,16 @@ class Pipeline:
         return self._logits(labels, maps)
 
     def sample_tokens(self, labels_B, *, seed, cfg=1.5, top_k=900, top_p=0.96,
-                      more_smooth=False):
+                      more_smooth=False, guidance_power=1.0):
         """-> (token maps, images (B, H, W, 3) in [0, 1])."""
         return self.sampler(labels_B, seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                            more_smooth=more_smooth)
+                            more_smooth=more_smooth, guidance_power=guidance_power)
 
-    def sample(self, labels_B, *, seed, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False):
+    def sample(self, labels_B, *, seed, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
+               guidance_power=1.0):
         """Images (B, H, W, 3) in [0, 1]; top_k=0 / top_p=0.0 switch those filters off."""
         return self.sample_tokens(labels_B, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                  more_smooth=more_smooth)[1]
+                                  more_smooth=more_smooth, guidance_power=guidance_power)[1]
 
     def edit(self, labels_B, reference_images, keep_mask, *, seed, cfg=3.0, top_k=900,
              top_p=0.95, more_smooth=True):

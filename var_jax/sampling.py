@@ -10,11 +10,13 @@ turns the final f_hat into images is a second compiled function (:func:`decode_i
 it can be compiled with its own XLA options.
 
 Per scale k (ratio = k / (K - 1)), as the official ``autoregressive_infer_cfg``:
-logits = (1 + t) cond - t uncond with t = cfg * ratio; top-k (ties with the k-th value kept), then
-top-p on what is left (the largest always kept); a multinomial draw per token; with
-``more_smooth`` the map fed on is a Gumbel-softmax mixture of codes (tau = max(0.27 (1 - 0.95
-ratio), 0.005), logits x (1 + ratio)); then f_hat += Phi_k(up(h)) and the next scale's input is
-the area-downsampled f_hat. ``top_k=0`` and ``top_p=0`` switch those filters off.
+logits = (1 + t) cond - t uncond with t = cfg * ratio ** guidance_power (1, the default, is the
+official linear ramp; 2 puts the guidance on the finest scales, 0 the same guidance everywhere);
+top-k (ties with the k-th value kept), then top-p on what is left (the largest always kept); a
+multinomial draw per token; with ``more_smooth`` the map fed on is a Gumbel-softmax mixture of
+codes (tau = max(0.27 (1 - 0.95 ratio), 0.005), logits x (1 + ratio)); then f_hat +=
+Phi_k(up(h)) and the next scale's input is the area-downsampled f_hat. ``top_k=0`` and
+``top_p=0`` switch those filters off.
 
 Zero-shot editing (the official notebook): given reference token maps and a keep-mask, tokens
 inside the mask (bilinearly resized to each scale, > 0.5; always at scales with pn**2 <= 3) are
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax import interp
+from var_jax import checks, interp
 from var_jax.models.var import LayerKernels
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def _check_labels(labels_B, num_classes: int) -> jax.Array:
     return labels.astype(jnp.int32)
 
 
-def _check_options(vocab: int, top_k, top_p, cfg):
+def _check_options(vocab: int, top_k, top_p, cfg, guidance_power=1.0):
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise ValueError(f"top_k must be an int (0 = off), got {top_k!r}")
     if not 0 <= top_k <= vocab:
@@ -261,6 +263,7 @@ def _check_options(vocab: int, top_k, top_p, cfg):
         raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
     if not math.isfinite(float(cfg)):
         raise ValueError(f"cfg must be a finite number, got {cfg}")
+    checks.non_negative_number("guidance_power", guidance_power)
 
 
 def _as_key(key):
@@ -274,8 +277,8 @@ def _as_key(key):
 @functools.lru_cache(maxsize=32)
 def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smooth: bool,
               editing: bool):
-    def run(var_state, vae_state, labels_B, key, cfg, top_p, ref_maps, keep_masks,
-            layer_kernels):
+    def run(var_state, vae_state, labels_B, key, cfg, guidance_power, top_p, ref_maps,
+            keep_masks, layer_kernels):
         var = nnx.merge(var_graphdef, var_state)
         vae = nnx.merge(vae_graphdef, vae_state)
         config = var.config
@@ -298,7 +301,9 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
             ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
             begin, end = var.begin_ends[si]
             logits_2B, states = var.decode_scale(tokens, cond, states, si)
-            idx, logits = draw_scale_tokens(logits_2B, uniforms_BxL[:, begin:end], cfg * ratio,
+            # A traced power: changing it does not recompile. 0 ** 0 = 1 (constant guidance).
+            guidance = cfg * jnp.power(jnp.float32(ratio), guidance_power)
+            idx, logits = draw_scale_tokens(logits_2B, uniforms_BxL[:, begin:end], guidance,
                                             top_k, top_p if use_top_p else None,
                                             chunk=draw_chunk, with_logits=more_smooth)
             if more_smooth:
@@ -365,8 +370,8 @@ class Sampler:
     """A VAR + VQ-VAE pair split once into (graph, state), ready for repeated jitted sampling.
 
     ``__call__(labels_B, key, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
-    reference_maps=None, keep_masks=None)``; each distinct (top_k, top_p > 0, more_smooth,
-    editing) compiles once per input shape.
+    reference_maps=None, keep_masks=None, guidance_power=1.0)``; each distinct (top_k, top_p > 0,
+    more_smooth, editing) compiles once per input shape.
     """
 
     def __init__(self, var_model, vqvae_model):
@@ -389,10 +394,10 @@ class Sampler:
         self.vae_graphdef, self.vae_state = nnx.split(vqvae_model)
 
     def __call__(self, labels_B, key, *, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
-                 reference_maps=None, keep_masks=None):
+                 reference_maps=None, keep_masks=None, guidance_power=1.0):
         config = self.config
         labels = _check_labels(labels_B, config.num_classes)
-        _check_options(config.vocab_size, top_k, top_p, cfg)
+        _check_options(config.vocab_size, top_k, top_p, cfg, guidance_power)
         editing = reference_maps is not None
         if editing:
             if keep_masks is None or len(keep_masks) != config.num_scales \
@@ -407,17 +412,19 @@ class Sampler:
         fn = _compiled(self.var_graphdef, self.vae_graphdef, int(top_k), float(top_p) > 0,
                        bool(more_smooth), editing)
         token_maps, f_hat = fn(self.var_state, self.vae_state, labels, _as_key(key),
-                               jnp.float32(cfg), jnp.float32(top_p), ref, masks,
+                               jnp.float32(cfg), jnp.float32(guidance_power),
+                               jnp.float32(top_p), ref, masks,
                                self.layer_kernels)
         return token_maps, decode_images(self.vae_graphdef, self.vae_state, f_hat)
 
 
 def sample(var_model, vqvae_model, labels_B, *, key, cfg=1.5, top_k=900, top_p=0.96,
-           more_smooth=False):
+           more_smooth=False, guidance_power=1.0):
     """Samples one image per label -> (token maps [(B, pn, pn) int32], images (B, H, W, 3) in
     [0, 1]). ``key``: a ``jax.random.key`` or an int seed; same key, same images."""
     return Sampler(var_model, vqvae_model)(labels_B, key, cfg=cfg, top_k=top_k, top_p=top_p,
-                                           more_smooth=more_smooth)
+                                           more_smooth=more_smooth,
+                                           guidance_power=guidance_power)
 
 
 def edit(var_model, vqvae_model, labels_B, reference_maps, keep_mask, *, key, cfg=3.0,

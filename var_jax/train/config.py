@@ -76,8 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
         model=model_group(VARConfig), steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50,
         wp0=0.005, wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
         tokenizer_workdir="", eval_examples=2000, cache_tokens=False, scale_weight_power=0.0)
-    c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, per_class=8,
-                    eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
+    c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, guidance_power=1.0,
+                    per_class=8, eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
     c.classifier = dict(steps=1500, batch_size=128, lr=2e-3)
     return c
 
@@ -166,6 +166,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
                          f"{power!r}")
     if not 0 <= config.sample.top_p <= 1:
         raise ValueError(f"config: sample.top_p must be in [0, 1], found {config.sample.top_p}")
+    checks.non_negative_number("config: sample.guidance_power", config.sample.guidance_power)
     mesh = config.mesh
     for name in ("data", "fsdp"):
         size = mesh[name]

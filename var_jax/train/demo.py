@@ -108,12 +108,13 @@ def write_pictures(config, workdir: str, model, vqvae, test_images, sweep_images
     s = config.sample
     num_classes = config_lib.var_config(config).num_classes
     names = data_lib.make_source(config.data, "test").class_names
-    options = dict(top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+    options = var_recipe.sample_options(s)
     paths, rendered = {}, {}
 
     _, grid = var_recipe.class_grid(model, vqvae, num_classes, s.per_class, key, cfg=s.cfg,
                                     **options)
-    fig = figures.class_grid_figure(grid, names, title=f"VAR samples, cfg {s.cfg:g}")
+    ramp = "" if s.guidance_power == 1 else f" (ramp power {s.guidance_power:g})"
+    fig = figures.class_grid_figure(grid, names, title=f"VAR samples, cfg {s.cfg:g}{ramp}")
     paths["class_grid"] = os.path.join(workdir, "samples_grid.png")
     rendered["class_grid"] = figures.save_figure(fig, paths["class_grid"])
 
@@ -198,12 +199,13 @@ def run_demo(config, workdir: str) -> dict:
     real = test_images[:len(labels)]
     sweep = sorted(set(float(x) for x in s.cfg_sweep) | {float(s.cfg)})
     report["samples"] = {"per_class": s.eval_per_class, "top_k": s.top_k, "top_p": s.top_p,
-                         "default_cfg": s.cfg, "by_cfg": {}}
+                         "guidance_power": s.guidance_power, "default_cfg": s.cfg,
+                         "by_cfg": {}}
     sweep_images = {}
     for cfg in sweep:
         # The same key at every cfg: the sweep compares guidance scales on the same seeds.
         images = var_recipe.generate(model, vqvae, labels, jax.random.fold_in(key, 2), cfg=cfg,
-                                     top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)
+                                     **var_recipe.sample_options(s))
         sweep_images[cfg] = images
         entry = {"class_accuracy": sample_metrics.conditional_accuracy(classifier, images,
                                                                        labels),

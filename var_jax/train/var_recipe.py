@@ -167,7 +167,7 @@ class VARRecipe(loop.RecipeDefaults):
         # The frozen copy lives where the model does (the mesh), unlike self.tokenizer.
         tokenizer = nnx.merge(self.vq_graphdef, frozen["vq"])
         return class_grid(model, tokenizer, num_classes, s.per_class, key, cfg=s.cfg,
-                          top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth)[1]
+                          **sample_options(s))[1]
 
 
 def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: int) -> dict:
@@ -197,6 +197,13 @@ def evaluate_nll(recipe: VARRecipe, model, frozen, images, labels, batch_size: i
     return out
 
 
+def sample_options(sample_config) -> dict:
+    """The sampler's options of a config's `sample` group, cfg aside (the sweeps vary it)."""
+    s = sample_config
+    return dict(top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth,
+                guidance_power=s.guidance_power)
+
+
 def class_grid(model, tokenizer, num_classes: int, per_class: int, key, **sample_options
                ) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` samples of each class, one class per row: (images (N, H, W, 3) in [0, 1],
@@ -207,7 +214,8 @@ def class_grid(model, tokenizer, num_classes: int, per_class: int, key, **sample
 
 
 def generate(model, tokenizer, labels, key, *, cfg: float, top_k: int, top_p: float,
-             more_smooth: bool = False, batch_size: int = 250) -> np.ndarray:
+             more_smooth: bool = False, guidance_power: float = 1.0,
+             batch_size: int = 250) -> np.ndarray:
     """Class-conditional samples (N, H, W, 3) in [0, 1], in batches of `batch_size`."""
     from var_jax import sampling
 
@@ -216,6 +224,7 @@ def generate(model, tokenizer, labels, key, *, cfg: float, top_k: int, top_p: fl
     for i in range(0, len(labels), batch_size):
         chunk = jnp.asarray(labels[i:i + batch_size])
         _, images = sampling.sample(model, tokenizer, chunk, key=jax.random.fold_in(key, i),
-                                    cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+                                    cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                                    guidance_power=guidance_power)
         out.append(np.asarray(images))
     return np.concatenate(out)
