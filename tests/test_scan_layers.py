@@ -228,7 +228,7 @@ def _compiled_sampler_hlo(split_kernels: bool):
     labels = jnp.array([0, 3, 4])
     kernels = LayerKernels.split(scanned.blocks) if split_kernels else None
     hlo = run.lower(sampler.var_state, sampler.vae_state, labels, jax.random.key(0),
-                    jnp.float32(2.0), jnp.float32(0.0), None, None,
+                    jnp.float32(2.0), jnp.float32(1.0), jnp.float32(0.0), None, None,
                     kernels).compile().as_text()
     return scanned.config, labels, hlo
 
