@@ -265,7 +265,7 @@ def summary_table(report: dict) -> str:
         op, bar = BARS[name]
         ok = value >= bar if op == ">=" else value <= bar
         rows.append((name, fmt.get(name, "{:.3f}").format(value), f"{op} {bar:g}",
-                     "ok" if ok else "below the bar"))
+                     "ok" if ok else "missed"))
     rows.append(("frechet_real_vs_real", f"{report['samples']['frechet_real_vs_real']:.3f}",
                  "(reference)", ""))
     for cfg, entry in report["samples"]["by_cfg"].items():
