@@ -92,6 +92,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Returns (state, data_state, meta); abstract_state carries the target shardings."""
         self.check_matches(step, abstract_state)
+        return self._restore_arrays(step, abstract_state)
+
+    def _restore_arrays(self, step: int, abstract_state):
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -108,7 +111,7 @@ class Checkpointer:
         for step in sorted(self.all_steps(), reverse=True):
             self.check_matches(step, abstract_state)  # a config mismatch is not a broken save
             try:
-                return (step, *self.restore(step, abstract_state))
+                return (step, *self._restore_arrays(step, abstract_state))
             except Exception as e:
                 _warn(f"checkpoint: step {step} in {self.directory} does not restore "
                       f"({type(e).__name__}: {str(e)[:200]}); passing over it")
