@@ -6,7 +6,7 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test test-scale lint bench-attention clean
 
-# XLA:CPU allocates each step's temporaries afresh (one block of hundreds of MB for the demo's
+# XLA:CPU allocates each step's temporaries afresh (blocks of 120-200 MB for the demo's
 # steps), which glibc maps anew and the kernel zeroes and faults in 4 KB at a time: 23 million
 # page faults and a sixth of the CPU time in the kernel for 400 steps of the demo's VAR. Backing
 # those blocks with transparent huge pages (glibc >= 2.35; ignored elsewhere) trains the demo's
