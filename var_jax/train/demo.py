@@ -24,7 +24,7 @@ from var_jax.train import config as config_lib
 from var_jax.train import runner, tokenizer_recipe, var_recipe
 from var_jax.train.metrics import echo
 
-# What the demo is measured against (issue 10): the figures a new user should see.
+# What the demo is measured against: the figures a new user should see.
 BARS = {"tokenizer_psnr": (">=", 24.5), "class_accuracy_default_cfg": (">=", 0.95),
         "class_accuracy_cfg0": (">=", 0.85), "frechet_default_cfg": ("<=", 10.0),
         "total_minutes": ("<=", 25.0)}
