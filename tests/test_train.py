@@ -1,6 +1,7 @@
 """The training system: schedules, config checks, checkpoints with exact resume, the NaN
 guard, both recipes on the tiny config, and an 8-device mesh in a subprocess."""
 
+import dataclasses
 import json
 import math
 import os
@@ -103,6 +104,75 @@ def test_var_weight_decay_groups_and_adamw_update():
         np.testing.assert_allclose(n, p * (0.95 if m else 1.0), rtol=1e-6, atol=1e-7)
 
 
+def test_muon_orthogonalises_each_block_matrix_alone_in_both_layouts():
+    """Muon's groups (`models.var.matrix_axes`): every block matrix and nothing else; each
+    layer and each of q, k, v orthogonalised on its own (rank-one gradients 1e4 apart in size
+    give updates of one size); the same update for the stacked and the looped layout."""
+    from var_jax.convert import var as var_convert
+    from var_jax.models.var import VAR, matrix_axes
+
+    config = dataclasses.replace(config_lib.var_config(tiny_test.get_config()), depth=2,
+                                 scan_layers=False)
+    looped = VAR(config, rngs=nnx.Rngs(0))
+    scanned = var_convert.relayout(looped, scan_layers=True)
+    tx = optim.make_muon_optimizer(lr=lambda s: 1e-3, muon_lr=lambda s: 0.02, b1=0.9, b2=0.95,
+                                   clip=0.0, matrix_axes=matrix_axes)
+
+    def names(path):
+        return tuple(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+    def gradient(path, x):
+        # Layer 0's gradients 1e2 times layer 1's; q, k and v each rank one, q 1e4 times k.
+        g = np.asarray(jax.random.normal(jax.random.key(len(path)), x.shape), np.float64)
+        if names(path)[-1] == "qkv_kernel":  # (C, 3, H, D): q rank one and large, k small
+            u = g[:, 0, 0, 0]
+            g = np.einsum("c,thd->cthd", u, g[0])
+            g[:, 0] *= 1e2
+            g[:, 1] *= 1e-2
+        layer = next((int(n) for n in names(path) if n.isdigit()), None)
+        return jnp.asarray(g * (1e2 if layer == 0 else 1.0), jnp.float32)
+
+    grads_looped = jax.tree_util.tree_map_with_path(
+        gradient, nnx.as_pure(nnx.state(looped, nnx.Param)))
+    flat = {names(path): np.asarray(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(grads_looped)}
+    stacked = var_convert.stack_layers({tuple(int(n) if n.isdigit() else n for n in k): v
+                                        for k, v in flat.items()}, config.depth)
+
+    def update(model, grads):
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        return {names(path): np.asarray(v)
+                for path, v in jax.tree_util.tree_leaves_with_path(updates)}
+
+    up_looped = update(looped, grads_looped)
+    params_scanned = nnx.as_pure(nnx.state(scanned, nnx.Param))
+    grads_scanned = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(stacked[names(path)]), params_scanned)
+    up_scanned = update(scanned, grads_scanned)
+    for key, value in up_looped.items():
+        if key[0] == "blocks":  # ("blocks", layer, ...) -> layer `layer` of ("blocks", ...)
+            other = up_scanned[key[:1] + key[2:]][int(key[1])]
+        else:
+            other = up_scanned[key]
+        np.testing.assert_allclose(value, other, rtol=2e-4, atol=1e-7, err_msg=str(key))
+
+    muon = sorted(".".join(names(path)) for path, x in
+                  jax.tree_util.tree_leaves_with_path(params_scanned)
+                  if matrix_axes(path, x.shape) is not None)
+    assert muon == ["blocks.ada_lin.kernel", "blocks.attn.proj.kernel",
+                    "blocks.attn.qkv_kernel", "blocks.ffn.fc1.kernel", "blocks.ffn.fc2.kernel"]
+    qkv = [up_looped[("blocks", str(i), "attn", "qkv_kernel")] for i in range(2)]
+    norms = np.array([[np.linalg.norm(q[:, t]) for t in range(3)] for q in qkv])
+    # Adam would scale each entry alike; Muon gives every orthogonalised matrix the same size
+    # however large its gradient (rank one: one singular value near 1 times the same lr).
+    assert norms.max() / norms.min() < 2.0, norms
+    # A parameter Adam handles: its first (Nesterov) update is the sign of the gradient times
+    # lr (1 + b1 (1 - b1) / (1 - b1^2)), whatever the gradient's size.
+    pos = up_looped[("pos_1LC",)]
+    np.testing.assert_allclose(np.abs(pos), 1e-3 * (1 + 0.9 * 0.1 / (1 - 0.81)), rtol=1e-3)
+
+
 def test_config_validation_names_the_field():
     config = tiny_test.get_config()
     config_lib.validate(config, num_devices=1)
@@ -110,6 +180,10 @@ def test_config_validation_names_the_field():
     bad.unlock()
     bad.train.learning_rat = 0.1
     with pytest.raises(ValueError, match="train.learning_rat"):
+        config_lib.validate(bad)
+    bad = tiny_test.get_config()
+    bad.var.optimizer = "lion"
+    with pytest.raises(ValueError, match="var.optimizer must be one of"):
         config_lib.validate(bad)
     bad = tiny_test.get_config()
     bad.var.batch_size = 0

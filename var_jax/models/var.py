@@ -829,3 +829,33 @@ def count_params(config: VARConfig) -> int:
 def weight_decay_mask(model_or_state):
     """The official VAR decay groups (``models.decay``, the rule every optimiser uses)."""
     return decay.weight_decay_mask(model_or_state)
+
+
+# The blocks' weight matrices, by leaf name: axes (after any leading layer axis) that a token's
+# features enter and leave by. qkv's axis 1 (q, k, v) and ada_lin's six chunks are kept apart or
+# together as the orthogonalised update should see them: q, k and v are three matrices (the axis
+# between input and output is a batch axis), the AdaLN chunks one (C, 6C) matrix.
+_MATRIX_AXES = {"qkv_kernel": ((0,), (2, 3)), "kernel": ((0,), (1,))}
+_ADA_LIN_AXES = ((0,), (1, 2))
+
+
+def matrix_axes(path, shape) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(input axes, output axes) of a block's weight matrix at `path` (a parameter path of the
+    Param state, either layout) with `shape`, or None for every other parameter (embeddings,
+    head, biases, norms). The optimiser's rule for Muon (`train.optim.make_muon_optimizer`):
+    the hidden layers' matrices are orthogonalised, the rest go to Adam, as Muon's authors do.
+    Axes count from the leaf's first axis, so a stacked layer axis stays a batch axis."""
+    names = [getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path]
+    if names and names[-1] == "value":
+        names = names[:-1]
+    if "blocks" not in names or names[-1] not in _MATRIX_AXES:
+        return None
+    stacked = not isinstance(names[names.index("blocks") + 1], (int, np.integer))
+    axes = _ADA_LIN_AXES if "ada_lin" in names else _MATRIX_AXES[names[-1]]
+    expected_ndim = 1 + max(axes[1]) + int(stacked)
+    if len(shape) != expected_ndim:
+        raise ValueError(f"matrix_axes: {'.'.join(map(str, names))} has shape {tuple(shape)}, "
+                         f"expected {expected_ndim} axes ({'stacked' if stacked else 'looped'} "
+                         f"layout)")
+    shift = int(stacked)
+    return tuple(a + shift for a in axes[0]), tuple(a + shift for a in axes[1])

@@ -19,6 +19,7 @@ from var_jax.attention import registry
 from var_jax.data.pipeline import SOURCES
 from var_jax.models.var import VARConfig
 from var_jax.models.vqvae import VQVAEConfig
+from var_jax.train.optim import OPTIMIZERS
 
 _DATA_CLASSES = {"fashion_mnist": 10, "digits": 10}
 
@@ -72,9 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
         vq_weight=1.0, dead_code_every=100, dead_code_threshold=0.03, usage_decay=0.99,
         eval_examples=2000)
     # model: every field of var_jax.models.var.VARConfig (cond_drop_rate is the label dropout).
+    # optimizer: "adamw" (the official recipe: base_lr * batch / 256, weight decay twd -> twde)
+    # or "muon" (the blocks' matrices by Muon at peak muon_lr, the rest by Adam at the base_lr
+    # rate, the same 'lin0' schedule for both, no weight decay; train.optim.make_muon_optimizer).
     c.var = dict(
         model=model_group(VARConfig), steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50,
         wp0=0.005, wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
+        optimizer="adamw", muon_lr=0.02,
         tokenizer_workdir="", eval_examples=2000, cache_tokens=False, scale_weight_power=0.0)
     c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, guidance_power=1.0,
                     per_class=8, eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
@@ -147,7 +152,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
                          f"{config.data.source!r}")
     _positive(config, "data.image_size", "data.eval_batch_size", "tokenizer.steps",
               "tokenizer.batch_size", "tokenizer.lr", "var.steps", "var.batch_size",
-              "var.base_lr", "train.log_every", "train.keep_checkpoints",
+              "var.base_lr", "var.muon_lr", "train.log_every", "train.keep_checkpoints",
               "sample.per_class", "classifier.steps", "classifier.batch_size", "classifier.lr")
     for name in ("tokenizer.warmup_steps", "var.warmup_steps", "train.checkpoint_every",
                  "train.eval_every", "train.sample_every", "data.num_threads",
@@ -159,6 +164,9 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
         group, field = name.split(".")
         if not 0 <= config[group][field] < 1:
             raise ValueError(f"config: {name} must be in [0, 1), found {config[group][field]!r}")
+    if config.var.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config: var.optimizer must be one of {OPTIMIZERS}, found "
+                         f"{config.var.optimizer!r}")
     power = config.var.scale_weight_power
     if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power <= 1:
         raise ValueError(f"config: var.scale_weight_power must be a number in [0, 1] (0: the "

@@ -1,13 +1,16 @@
 """Optimizer pieces of the official VAR recipe: the 'lin0' schedule, the weight-decay cosine and
-the decay / no-decay parameter groups, as optax transformations.
+the decay / no-decay parameter groups, as optax transformations; and Muon (optax.contrib) for the
+blocks' matrices, an option that trains small VARs in far fewer steps.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
+from optax import contrib
 
 from var_jax.models import decay
 
@@ -60,4 +63,32 @@ def make_optimizer(*, lr: optax.Schedule, wd: optax.Schedule | float, b1: float,
     parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
               optax.add_decayed_weights(wd, mask=mask),
               optax.scale_by_learning_rate(lr)]
+    return optax.chain(*parts)
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_dimension_numbers(matrix_axes):
+    """A function params -> pytree of `optax.contrib.MuonDimensionNumbers` (or None: Adam) from
+    a per-leaf rule `matrix_axes(path, shape) -> (input axes, output axes) | None`."""
+    def leaf(path, x):
+        axes = matrix_axes(path, x.shape)
+        return None if axes is None else contrib.MuonDimensionNumbers(*axes)
+
+    return lambda params: jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_muon_optimizer(*, lr: optax.Schedule, muon_lr: optax.Schedule, b1: float, b2: float,
+                        matrix_axes, eps: float = 1e-8,
+                        clip: float = 2.0) -> optax.GradientTransformation:
+    """Muon on the matrices `matrix_axes` names (momentum 0.95, Nesterov, five Newton-Schulz
+    steps, updates scaled by their shape: `optax.contrib.muon`'s defaults) at `muon_lr`, Adam
+    (b1, b2; Nesterov like the Muon side) on every other parameter at `lr`, after global-norm
+    clipping (clip <= 0: off). No weight decay: none was measured with it."""
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    parts.append(contrib.muon(muon_lr, eps=eps, adam_learning_rate=lr, adam_b1=b1, adam_b2=b2,
+                              weight_decay=0.0, adam_weight_decay=0.0,
+                              muon_weight_dimension_numbers=muon_dimension_numbers(
+                                  matrix_axes)))
     return optax.chain(*parts)

@@ -119,6 +119,12 @@ class VARRecipe(loop.RecipeDefaults):
         c = self.cfg
         peak = optim.peak_lr(c.base_lr, c.batch_size)
         lr = optim.lin0_schedule(peak, c.steps, c.warmup_steps, wp0=c.wp0, wpe=c.wpe)
+        if c.optimizer == "muon":
+            muon_lr = optim.lin0_schedule(c.muon_lr, c.steps, c.warmup_steps, wp0=c.wp0,
+                                          wpe=c.wpe)
+            tx = optim.make_muon_optimizer(lr=lr, muon_lr=muon_lr, b1=c.b1, b2=c.b2,
+                                           clip=c.clip, matrix_axes=var_lib.matrix_axes)
+            return tx, lr
         wd = optim.wd_schedule(c.twd, c.twde, c.steps)
         tx = optim.make_optimizer(lr=lr, wd=wd, b1=c.b1, b2=c.b2, clip=c.clip,
                                   mask=var_lib.weight_decay_mask)
