@@ -511,6 +511,13 @@ def test_a_checkpoint_of_another_model_is_refused_by_name_and_left_in_place(tmp_
         loop.Trainer(ToyRecipe(4, num_classes=12), _toy_config(every=2), str(tmp_path))
     with pytest.raises(ValueError, match=r"params/bias/value: checkpoint \(10,\), config "):
         loop.restore_model(ToyRecipe(4, num_classes=12), str(tmp_path / "toy"), step=2)
+    # The same parameters under another optimiser: the message names the optimiser.
+    class MomentumToy(ToyRecipe):
+        def optimizer(self):
+            return optax.sgd(0.1, momentum=0.9), (lambda step: 0.1)
+
+    with pytest.raises(ValueError, match=r"same parameters with another optimiser's state"):
+        loop.restore_model(MomentumToy(4), str(tmp_path / "toy"), step=4)
     assert sorted(os.listdir(ckpts)) == ["2", "4"]
     again = loop.Trainer(ToyRecipe(4), _toy_config(every=2), str(tmp_path))
     assert again.step == 4

@@ -83,10 +83,15 @@ class Checkpointer:
             _path_name(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]})
         if problems:
+            # The same parameters under another optimiser (e.g. var.optimizer changed): say so.
+            what = ("the same parameters with another optimiser's state than the config's "
+                    "(is the optimiser, e.g. var.optimizer, the one the run was trained with?)"
+                    if all(line.startswith("opt_state") for line in problems) else
+                    "another model than the config describes (is the config the one the run "
+                    "was trained with?)")
             raise ValueError(
-                f"checkpoint: step {step} in {self.directory} holds another model than the "
-                f"config describes ({len(problems)} of its arrays differ; is the config the one "
-                f"the run was trained with?): " + "; ".join(problems[:6])
+                f"checkpoint: step {step} in {self.directory} holds {what}; {len(problems)} of "
+                f"its arrays differ: " + "; ".join(problems[:6])
                 + ("; ..." if len(problems) > 6 else ""))
 
     def restore(self, step: int, abstract_state):
