@@ -845,12 +845,10 @@ def matrix_axes(path, shape) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     head, biases, norms). The optimiser's rule for Muon (`train.optim.make_muon_optimizer`):
     the hidden layers' matrices are orthogonalised, the rest go to Adam, as Muon's authors do.
     Axes count from the leaf's first axis, so a stacked layer axis stays a batch axis."""
-    names = [getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path]
-    if names and names[-1] == "value":
-        names = names[:-1]
+    names = decay.path_names(path)
     if "blocks" not in names or names[-1] not in _MATRIX_AXES:
         return None
-    stacked = not isinstance(names[names.index("blocks") + 1], (int, np.integer))
+    stacked = decay.stacked_layer_axis(path)
     axes = _ADA_LIN_AXES if "ada_lin" in names else _MATRIX_AXES[names[-1]]
     expected_ndim = 1 + max(axes[1]) + int(stacked)
     if len(shape) != expected_ndim:

@@ -16,12 +16,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# The one rule for which axis is a stacked layer axis lives with the other parameter-path rules.
+from var_jax.models.decay import stacked_layer_axis
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-# Path entries under which parameters are stacked along a leading layer axis (scan over layers):
-# ('blocks', 'attn', 'qkv_kernel') of shape (depth, ...). The looped layout ('blocks', 0, ...)
-# has an integer right after it and no stacking axis.
-STACKED_COLLECTIONS = ("blocks",)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -57,20 +56,6 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def _path_names(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-
-
-def stacked_layer_axis(path) -> bool:
-    """Whether axis 0 of the leaf at `path` is a stacking (layer) axis: the path passes through
-    a stacked collection and the entry after it is a name, not a layer index."""
-    names = _path_names(path)
-    for i, name in enumerate(names[:-1]):
-        if name in STACKED_COLLECTIONS and not isinstance(names[i + 1], (int, np.integer)):
-            return True
-    return False
 
 
 def param_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int,
