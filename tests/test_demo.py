@@ -31,8 +31,10 @@ def test_tiny_demo_writes_report_table_and_pictures(tmp_path):
     saved = json.load(open(tmp_path / "demo_report.json"))
     assert set(saved["samples"]["by_cfg"]) == {"0.0", "1.5"}
     assert 0 <= saved["samples"]["by_cfg"]["1.5"]["class_accuracy"] <= 1
+    assert all(entry["class_spread"] > 0 for entry in saved["samples"]["by_cfg"].values())
     table = demo.summary_table(report)
     assert "tokenizer_psnr" in table and "class_accuracy_cfg0" in table
+    assert "class spread" in table
     assert len(table.splitlines()) < 30  # a table, not the JSON dump
 
     # Tiles of 8x8 images with 2-pixel gaps: 10 classes; 3 scales; 2 cfgs x 2 seeds; 10 + 10.

@@ -31,6 +31,16 @@ def test_frechet_distance_closed_forms():
         frechet.frechet_distance(feats[:1], feats)
 
 
+def test_within_class_spread_against_numpy_and_its_errors():
+    feats = np.array([[0.0, 1.0], [2.0, 1.0], [5.0, 5.0], [1.0, 0.0], [3.0, 4.0], [7.0, 7.0]])
+    labels = np.array([0, 0, 2, 1, 1, 3])
+    # Classes 2 and 3 have one example each: no spread to measure.
+    got = sample_metrics.within_class_spread(feats, labels)
+    assert got == pytest.approx({0: 2.0, 1: 2.0 + 8.0})
+    with pytest.raises(ValueError, match="labels"):
+        sample_metrics.within_class_spread(feats, labels[:-1])
+
+
 def test_fid_with_missing_or_corrupt_weights_raises_clearly(tmp_path):
     with pytest.raises(ValueError, match="weights_path"):
         fid.inception_features(np.zeros((1, 8, 8, 3)), str(tmp_path / "missing.npz"))
@@ -66,5 +76,17 @@ def test_classifier_learns_digits_and_scores_samples():
     noise = np.random.default_rng(0).uniform(0, 1, images01.shape).astype(np.float32)
     assert same == pytest.approx(0.0, abs=1e-3)
     assert sample_metrics.classifier_frechet(model, test_batch["image"], noise) > 1.0
+    # Within-class spread: the real images against themselves, then each class collapsed onto
+    # one of its images (no variety left), then only half of each class (about as varied).
+    spread = sample_metrics.class_spread_ratio
+    assert spread(model, test_batch["image"], test.labels, images01, test.labels) == \
+        pytest.approx(1.0, rel=1e-6)
+    first = {c: np.flatnonzero(test.labels == c)[0] for c in range(10)}
+    collapsed = images01[[first[c] for c in test.labels]]
+    assert spread(model, test_batch["image"], test.labels, collapsed, test.labels) == \
+        pytest.approx(0.0, abs=1e-6)
+    half = np.arange(len(test.labels)) % 2 == 0
+    assert 0.7 < spread(model, test_batch["image"], test.labels, images01[half],
+                        test.labels[half]) < 1.4
     with pytest.raises(ValueError, match="image_size"):
         classifier.Classifier(10, 10, rngs=__import__("flax").nnx.Rngs(0))

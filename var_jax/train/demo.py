@@ -210,10 +210,15 @@ def run_demo(config, workdir: str) -> dict:
         entry = {"class_accuracy": sample_metrics.conditional_accuracy(classifier, images,
                                                                        labels),
                  "frechet_classifier": sample_metrics.classifier_frechet(classifier, real,
-                                                                         images)}
+                                                                         images),
+                 # Within-class variety against the real images' (1 = as varied): which way
+                 # the distance goes, as guidance trades variety for class fidelity.
+                 "class_spread": sample_metrics.class_spread_ratio(
+                     classifier, real, test_labels[:len(labels)], images, labels)}
         report["samples"]["by_cfg"][str(cfg)] = entry
         _log(f"cfg {cfg:g}: sample class accuracy {entry['class_accuracy']:.4f}, Frechet "
-             f"distance (classifier features) {entry['frechet_classifier']:.3f}")
+             f"distance (classifier features) {entry['frechet_classifier']:.3f}, within-class "
+             f"spread {entry['class_spread']:.2f} of the real images'")
     real_fd = sample_metrics.classifier_frechet(
         classifier, test_images[len(labels):2 * len(labels)], real * 0.5 + 0.5)
     report["samples"]["frechet_real_vs_real"] = real_fd
@@ -269,8 +274,9 @@ def summary_table(report: dict) -> str:
     rows.append(("frechet_real_vs_real", f"{report['samples']['frechet_real_vs_real']:.3f}",
                  "(reference)", ""))
     for cfg, entry in report["samples"]["by_cfg"].items():
-        rows.append((f"cfg {float(cfg):g}: accuracy / Frechet",
-                     f"{entry['class_accuracy']:.3f} / {entry['frechet_classifier']:.2f}", "", ""))
+        rows.append((f"cfg {float(cfg):g}: accuracy / Frechet / class spread",
+                     f"{entry['class_accuracy']:.3f} / {entry['frechet_classifier']:.2f} / "
+                     f"{entry['class_spread']:.2f}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
