@@ -25,11 +25,20 @@ def conditional_accuracy(model, images01_NxHxWx3, labels_N) -> float:
     return classifier_lib.accuracy(model, to_model_range(images01_NxHxWx3), labels_N)
 
 
+def real_features(model, real_NxHxWx3) -> np.ndarray:
+    """Classifier features of real images in [-1, 1]."""
+    return classifier_lib.features(model, np.asarray(real_NxHxWx3, np.float32))
+
+
+def sample_features(model, images01_NxHxWx3) -> np.ndarray:
+    """Classifier features of samples in [0, 1]."""
+    return classifier_lib.features(model, to_model_range(images01_NxHxWx3))
+
+
 def classifier_frechet(model, real_NxHxWx3, images01_NxHxWx3) -> float:
     """real images in [-1, 1], generated ones in [0, 1]."""
-    real = classifier_lib.features(model, np.asarray(real_NxHxWx3, np.float32))
-    fake = classifier_lib.features(model, to_model_range(images01_NxHxWx3))
-    return frechet.frechet_distance(real, fake)
+    return frechet.frechet_distance(real_features(model, real_NxHxWx3),
+                                    sample_features(model, images01_NxHxWx3))
 
 
 def within_class_spread(features_NxM, labels_N) -> dict[int, float]:
@@ -47,10 +56,15 @@ def within_class_spread(features_NxM, labels_N) -> dict[int, float]:
 def class_spread_ratio(model, real_NxHxWx3, real_labels_N, images01_NxHxWx3, labels_N) -> float:
     """Mean within-class feature variance of the samples over that of the real images (real in
     [-1, 1], samples in [0, 1]), over the classes with at least two examples in both sets."""
-    real = within_class_spread(
-        classifier_lib.features(model, np.asarray(real_NxHxWx3, np.float32)), real_labels_N)
-    fake = within_class_spread(
-        classifier_lib.features(model, to_model_range(images01_NxHxWx3)), labels_N)
+    return spread_ratio_of_features(real_features(model, real_NxHxWx3), real_labels_N,
+                                    sample_features(model, images01_NxHxWx3), labels_N)
+
+
+def spread_ratio_of_features(real_NxM, real_labels_N, samples_NxM, labels_N) -> float:
+    """`class_spread_ratio` on features already computed (the demo scores each sample set's
+    features once for the distance and the spread)."""
+    real = within_class_spread(real_NxM, real_labels_N)
+    fake = within_class_spread(samples_NxM, labels_N)
     common = sorted(set(real) & set(fake))
     if not common:
         raise ValueError(f"no class has two or more examples in both sets (real: "

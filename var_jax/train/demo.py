@@ -18,7 +18,7 @@ from var_jax import data as data_lib
 from var_jax import sampling
 from var_jax.data import fashion_mnist
 from var_jax.evaluate import classifier as classifier_lib
-from var_jax.evaluate import figures, sample_metrics
+from var_jax.evaluate import figures, frechet, sample_metrics
 from var_jax.models import construct
 from var_jax.train import config as config_lib
 from var_jax.train import runner, tokenizer_recipe, var_recipe
@@ -202,19 +202,20 @@ def run_demo(config, workdir: str) -> dict:
                          "guidance_power": s.guidance_power, "default_cfg": s.cfg,
                          "by_cfg": {}}
     sweep_images = {}
+    real_features = sample_metrics.real_features(classifier, real)  # once for every cfg
     for cfg in sweep:
         # The same key at every cfg: the sweep compares guidance scales on the same seeds.
         images = var_recipe.generate(model, vqvae, labels, jax.random.fold_in(key, 2), cfg=cfg,
                                      **var_recipe.sample_options(s))
         sweep_images[cfg] = images
+        features = sample_metrics.sample_features(classifier, images)
         entry = {"class_accuracy": sample_metrics.conditional_accuracy(classifier, images,
                                                                        labels),
-                 "frechet_classifier": sample_metrics.classifier_frechet(classifier, real,
-                                                                         images),
+                 "frechet_classifier": frechet.frechet_distance(real_features, features),
                  # Within-class variety against the real images' (1 = as varied): which way
                  # the distance goes, as guidance trades variety for class fidelity.
-                 "class_spread": sample_metrics.class_spread_ratio(
-                     classifier, real, test_labels[:len(labels)], images, labels)}
+                 "class_spread": sample_metrics.spread_ratio_of_features(
+                     real_features, test_labels[:len(labels)], features, labels)}
         report["samples"]["by_cfg"][str(cfg)] = entry
         _log(f"cfg {cfg:g}: sample class accuracy {entry['class_accuracy']:.4f}, Frechet "
              f"distance (classifier features) {entry['frechet_classifier']:.3f}, within-class "
