@@ -7,7 +7,7 @@ import pytest
 from _random_models import random_model
 from flax import nnx
 
-from var_jax import sampling
+from var_jax import sampling, xla_options
 from var_jax.models.var import VAR, VARConfig
 from var_jax.models.vqvae import VQVAE, VQVAEConfig
 
@@ -244,13 +244,13 @@ def test_the_sampler_decodes_with_its_own_compiled_decoder(models, monkeypatch):
             fn = sampling._compiled_decoder(graphdef, options)
             return fn.lower(state, f_hat).compile().as_text()
         assert "__ynn_fusion" in program(())
-        assert "__ynn_fusion" not in program(sampling._CPU_DECODER_OPTIONS)
-    monkeypatch.setattr(sampling, "_CPU_DECODER_OPTIONS", (("xla_cpu_no_such_option", ""),))
-    monkeypatch.setattr(sampling, "_decoder_options_known", [True])
+        assert "__ynn_fusion" not in program(xla_options.CPU_CONVOLUTIONS)
+    monkeypatch.setattr(xla_options, "CPU_CONVOLUTIONS", (("xla_cpu_no_such_option", ""),))
+    monkeypatch.setattr(xla_options, "_known", {"convolutions": True})
     again = sampling.decode_images(graphdef, state, f_hat)
     np.testing.assert_allclose(np.asarray(again), expected, atol=1e-5)
     if jax.default_backend() == "cpu":
-        assert sampling._decoder_options_known == [False]
+        assert xla_options._known == {"convolutions": False}
 
 
 def test_bad_arguments(models):

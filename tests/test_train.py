@@ -300,6 +300,8 @@ def tiny_workdir(tmp_path_factory):
 
 
 def test_tokenizer_two_steps_write_checkpoint_metrics_grid_and_resume(tiny_workdir):
+    """Two steps through the runner, then a resumed trainer whose step compiles without
+    YNNPACK fusions on a CPU (the recipe's `xla_options`; XLA's defaults put some there)."""
     config = tiny_test.get_config()
     summary = runner.run_stage(config, tiny_workdir, "tokenizer")
     run_dir = os.path.join(tiny_workdir, "tokenizer")
@@ -312,13 +314,42 @@ def test_tokenizer_two_steps_write_checkpoint_metrics_grid_and_resume(tiny_workd
     assert all(math.isfinite(r["loss"]) for r in rows if r["split"] == "train")
     from var_jax.train import tokenizer_recipe
 
-    restored = loop.Trainer(tokenizer_recipe.TokenizerRecipe(config), config, tiny_workdir)
+    recipe = tokenizer_recipe.TokenizerRecipe(config)
+    restored = loop.Trainer(recipe, config, tiny_workdir)
     assert restored.step == 2
+    if jax.default_backend() == "cpu":  # compiled as the loop compiles it: XLA's own convolutions
+        from var_jax.train import sharding
+
+        batch = sharding.put_batch(recipe.prepare_batch(next(restored.iterator)), restored.mesh)
+        restored._compile(batch, restored._stop_array(False))
+        assert "__ynn_fusion" not in restored.step_fn.as_text()
     again = loop.restore_model(tokenizer_recipe.TokenizerRecipe(config), run_dir)
     for a, b in zip(jax.tree.leaves(nnx.state(restored.model(), nnx.Param)),
                     jax.tree.leaves(nnx.state(again, nnx.Param)), strict=True):
         np.testing.assert_array_equal(a, b)
     restored.close()
+
+
+def test_compiler_options_fall_back_to_xlas_defaults_where_unknown(monkeypatch):
+    """The tokenizer recipe asks for `xla_options`' convolution options on a CPU (the loop
+    compiles its step with them: the tokenizer test above), other recipes for none; an XLA that
+    does not know an option compiles with its defaults, and the option is not offered again."""
+    from var_jax import xla_options
+    from var_jax.train import tokenizer_recipe
+
+    on_cpu = jax.default_backend() == "cpu"
+    recipe = tokenizer_recipe.TokenizerRecipe(tiny_test.get_config())
+    assert recipe.compiler_options() == (xla_options.CPU_CONVOLUTIONS if on_cpu else ())
+    assert loop.RecipeDefaults().compiler_options() == ()
+    assert xla_options.convolution_options([jnp.float32, jnp.bfloat16]) == ()
+    monkeypatch.setattr(xla_options, "CPU_CONVOLUTIONS", (("xla_cpu_no_such_option", ""),))
+    monkeypatch.setattr(xla_options, "_known", {"convolutions": True})
+    lowered = jax.jit(lambda x: 2 * x).lower(jnp.ones(3))
+    options = xla_options.convolution_options([jnp.float32])
+    np.testing.assert_array_equal(xla_options.compile_lowered(lowered, options)(jnp.ones(3)),
+                                  [2, 2, 2])
+    assert xla_options._known == {"convolutions": not on_cpu}
+    assert xla_options.convolution_options([jnp.float32]) == ()
 
 
 def test_var_two_steps_on_the_frozen_tokenizer_with_token_cache(tiny_workdir):

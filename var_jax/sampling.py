@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax import checks, interp
+from var_jax import checks, interp, xla_options
 from var_jax.models.var import LayerKernels
 
 # ----------------------------------------------------------------------------------------------
@@ -327,16 +327,6 @@ def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smoo
     return jax.jit(run)
 
 
-# XLA:CPU runs convolutions through its YNNPACK library fusions by default; for the VQ-VAE
-# decoder's 3x3 convolutions its own (Eigen) convolutions are faster on the CPUs measured (the
-# released decoder at 256 px, float32, interleaved in one process on a 2-core Intel Xeon: 1.83
-# against 2.41 s; docs/sampling_benchmark.md), while the transformer's small-row matmuls are
-# faster with the library. So on a CPU the float32 decoder compiles on its own without those
-# fusions. The option is experimental: where XLA no longer knows it, the defaults are used.
-_CPU_DECODER_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
-_decoder_options_known = [True]
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled_decoder(vae_graphdef, compiler_options: tuple):
     def decode(vae_state, f_hat):
@@ -348,21 +338,21 @@ def _compiled_decoder(vae_graphdef, compiler_options: tuple):
 
 def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
     """The VQ-VAE decoder as the sampler runs it: f_hat (B, n, n, Cvae) -> images (B, H, W, 3)
-    in [0, 1], jit-compiled once per (model, shape); on a CPU with float32 weights without
-    XLA's YNNPACK fusions (see ``_CPU_DECODER_OPTIONS``). Called while an outer ``jax.jit``
-    traces (the sampler inside a caller's jit), it becomes part of that program, whose
-    options are the caller's (JAX accepts compiler options on the outermost jit only)."""
-    floats = [x for x in jax.tree.leaves(vae_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    in [0, 1], jit-compiled once per (model, shape), with the convolution options of
+    :mod:`var_jax.xla_options` where they apply (a CPU, float32 weights). Called while an
+    outer ``jax.jit`` traces (the sampler inside a caller's jit), it becomes part of that
+    program, whose options are the caller's (JAX accepts compiler options on the outermost
+    jit only)."""
     traced = any(isinstance(x, jax.core.Tracer)
                  for x in jax.tree.leaves((vae_state, f_hat_BxnxnxC)))
-    if (_decoder_options_known[0] and not traced and jax.default_backend() == "cpu"
-            and all(x.dtype == jnp.float32 for x in floats)):
+    options = () if traced else xla_options.convolution_options(
+        x.dtype for x in jax.tree.leaves(vae_state) if jnp.issubdtype(x.dtype, jnp.floating))
+    if options:
         try:
-            return _compiled_decoder(vae_graphdef, _CPU_DECODER_OPTIONS)(vae_state, f_hat_BxnxnxC)
+            return _compiled_decoder(vae_graphdef, options)(vae_state, f_hat_BxnxnxC)
         except jax.errors.JaxRuntimeError as error:
-            if "No such compile option" not in str(error):
+            if not xla_options.forget_unknown(options, error):
                 raise
-            _decoder_options_known[0] = False
     return _compiled_decoder(vae_graphdef, ())(vae_state, f_hat_BxnxnxC)
 
 

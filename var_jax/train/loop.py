@@ -27,6 +27,7 @@ from absl import logging
 from flax import nnx
 
 from var_jax import data as data_lib
+from var_jax import xla_options
 from var_jax.train import checkpoint as ckpt_lib
 from var_jax.train import metrics as metrics_lib
 from var_jax.train import preemption, sharding
@@ -63,6 +64,9 @@ class Recipe(Protocol):
     def sample_grid(self, model, frozen, key: jax.Array) -> np.ndarray | None:
         """Host side: uint8 (H, W, 3), or None when the recipe has no samples."""
 
+    def compiler_options(self) -> tuple:
+        """XLA options for the train step, (name, value) pairs (:mod:`var_jax.xla_options`)."""
+
 
 class RecipeDefaults:
     """The optional parts of a `Recipe`, doing nothing."""
@@ -80,6 +84,9 @@ class RecipeDefaults:
 
     def sample_grid(self, model, frozen, key) -> np.ndarray | None:
         return None
+
+    def compiler_options(self) -> tuple:
+        return ()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -204,7 +211,9 @@ class Trainer:
 
     def _compile(self, batch: dict, stop) -> None:
         t = time.time()
-        self.step_fn = self._jitted_step.lower(self.state, self.frozen, batch, stop).compile()
+        self.step_fn = xla_options.compile_lowered(
+            self._jitted_step.lower(self.state, self.frozen, batch, stop),
+            self.recipe.compiler_options())
         _log(_memory_line(self.recipe.name, self.step_fn)
              + f"; mesh {dict(self.mesh.shape)}, {time.time() - t:.1f}s")
 

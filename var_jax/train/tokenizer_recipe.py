@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax import data as data_lib
-from var_jax import quantizer
+from var_jax import quantizer, xla_options
 from var_jax.evaluate.figures import tile as image_grid
 from var_jax.models.vqvae import VQVAE
 from var_jax.train import config as config_lib
@@ -69,6 +69,11 @@ class TokenizerRecipe(loop.RecipeDefaults):
 
     def create_model(self, key) -> TokenizerTrainModel:
         return TokenizerTrainModel(VQVAE(self.model_config, rngs=nnx.Rngs(params=key)))
+
+    def compiler_options(self) -> tuple:
+        """A convolutional model, trained in float32: on a CPU its step compiles with XLA's own
+        convolutions (:mod:`var_jax.xla_options`)."""
+        return xla_options.convolution_options([jnp.float32])
 
     def optimizer(self):
         c = self.cfg
