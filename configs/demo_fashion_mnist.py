@@ -1,6 +1,7 @@
 """The CPU demo: tokenizer then VAR on Fashion-MNIST (28x28 padded to 32x32), sized so that the
 whole `make demo` (set-up, both stages, classifier, sample evaluation, pictures) stays under 25
-minutes on an idle 2-core CPU. The VAR stage trains on cached tokens (the training set encoded
+minutes on an idle 2-core CPU (22-24 on a 2.6 GHz Xeon or an AMD EPYC; 29 on a 2.3 GHz Xeon,
+docs/demo_results.md). The VAR stage trains on cached tokens (the training set encoded
 once by the frozen tokenizer), which frees the time for a wider, deeper transformer.
 
     python scripts/demo.py --workdir=runs/demo

@@ -4,8 +4,8 @@ On a CPU, XLA runs convolutions through its YNNPACK library fusions by default. 
 3x3 convolutions XLA's own convolutions are faster on the CPUs measured, while the transformer's
 small-row matmuls are as fast or faster with the library (docs/sampling_benchmark.md,
 docs/train_benchmark.md): the released decoder at 256 px, float32, 1.83 against 2.41 s; the demo
-tokenizer's gradient step 0.80-0.87x the default's time (2-core Intel Xeon, variants interleaved
-in one process). So the VQ-VAE's float32 programs that take the time, its training step and the
+tokenizer's train step 0.86x the default's time (2-core Intel Xeon, both programs interleaved in
+one process). So the VQ-VAE's float32 programs that take the time, its training step and the
 sampler's decoder, compile without those fusions on a CPU; everything else keeps XLA's defaults.
 
 The option is experimental: where an XLA no longer knows it, the program is compiled with the
