@@ -10,6 +10,8 @@ in seconds on a GPU), in --dtype for parameters and activations.
   python scripts/bench_sampling.py --depth=2 --vae=tiny256 --batch_sizes=1,4 --dtype=float32
   python scripts/bench_sampling.py --depth=16 --vae=tiny256 --batch_sizes=1 --dtype=float32 \
       --scan_layers=false --compilation_cache=false     # compile time of the looped layout
+  python scripts/bench_sampling.py --depth=16 --vae=tiny256 --batch_sizes=1 --dtype=float32 \
+      --scale_buckets --compilation_cache=false         # the scales in buckets
 
 "compile" is the first call minus the median steady call. ``--parts`` also times the VQ-VAE
 decoder alone on a final feature map, so the transformer's share is the difference.
@@ -45,6 +47,8 @@ flags.DEFINE_enum("attn_backend", "exact", list(attention.BACKENDS),
                   "Attention backend of the decode state.")
 flags.DEFINE_bool("scan_layers", True, "Stacked blocks under one scan (False: Python loop).")
 flags.DEFINE_bool("parts", False, "Also time the VQ-VAE decoder alone.")
+flags.DEFINE_bool("scale_buckets", False, "Scales in buckets of one compiled step each "
+                  "(sampling.Sampler; scanned layout, exact or flash).")
 compile_cache.define_flag()
 flags.DEFINE_float("cfg", 1.5, "Guidance scale.")
 flags.DEFINE_integer("top_k", 900, "Top-k (0 = off).")
@@ -92,9 +96,11 @@ def main(argv):
     cache = compile_cache.enable(FLAGS.compilation_cache)
     var, vae = build(FLAGS.depth, FLAGS.dtype, FLAGS.vae, FLAGS.attn_backend, FLAGS.schedule,
                      FLAGS.scan_layers)
-    sampler = sampling.Sampler(var, vae)
+    sampler = sampling.Sampler(var, vae, scale_buckets=FLAGS.scale_buckets)
     num_classes = var.config.num_classes
     layout = "scanned" if FLAGS.scan_layers else "looped"
+    if sampler.buckets:
+        layout += f", scales in {len(sampler.buckets)} buckets"
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, python "
           f"{platform.python_version()}; VAR d{FLAGS.depth} {FLAGS.dtype} ({layout} blocks), "
           f"{FLAGS.attn_backend} attention, VQ-VAE {FLAGS.vae}; compilation cache "

@@ -81,3 +81,31 @@ def test_incremental_equals_full_and_jit_equals_eager(backend):
     out0, state1 = step(state0, q[:, :1], k[:, :1], v[:, :1], scale_index=0, backend=backend)
     np.testing.assert_allclose(out0, full[:, :1], atol=2e-6, rtol=1e-5)
     assert jax.tree.structure(state1) == jax.tree.structure(state0)
+
+
+@pytest.mark.parametrize("backend", ["exact", "flash"])
+def test_padded_rows_at_traced_offsets_decode_like_each_scale(backend):
+    """``decode_rows`` (what the bucketed sampler runs): every scale padded to the finest
+    scale's rows with garbage in the padding, written at a traced offset, attending to the
+    whole cache with the keys from the scale's end masked, gives each scale's outputs of the
+    full call on its own rows; the padding never leaks into a later scale."""
+    q, k, v = qkv(seed=12, temperature=3.0)
+    full = _attend(backend)(q, k, v, None)
+    rows = PATCH_NUMS[-1] ** 2
+    garbage = jax.random.normal(jax.random.key(3), (3, B, rows, H, D)) * 5.0
+
+    @jax.jit
+    def one_scale(state, q, k, v, begin, end):
+        return attention.decode_rows(state, q, k, v, begin, end, backend=backend)
+
+    state = attention.init_decode_state(backend, B, H, D, PATCH_NUMS, **OPTIONS[backend])
+    state = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, rows), (0, 0), (0, 0))), state)
+    for begin, end in LAYOUT.begin_ends:
+        padded = [jnp.concatenate([x[:, begin:end], g[:, end - begin:]], axis=1)
+                  for x, g in zip((q, k, v), garbage, strict=True)]
+        out, state = one_scale(state, *padded, jnp.int32(begin), jnp.int32(end))
+        np.testing.assert_allclose(out[:, :end - begin], full[:, begin:end], atol=2e-6,
+                                   rtol=1e-5, err_msg=f"{backend} [{begin}, {end})")
+    with pytest.raises(ValueError, match="padded-rows step"):
+        low_rank = attention.init_decode_state("poly", B, H, D, PATCH_NUMS, **OPTIONS["poly"])
+        attention.decode_rows(low_rank, q[:, :1], k[:, :1], v[:, :1], 0, 1, backend="poly")

@@ -253,6 +253,38 @@ def test_the_sampler_decodes_with_its_own_compiled_decoder(models, monkeypatch):
         assert xla_options._known == {"convolutions": False}
 
 
+@pytest.mark.parametrize("backend", ["exact", "flash"])
+def test_scales_in_buckets_draw_the_same_tokens(backend):
+    """The sampler with its scales in buckets (one compiled step per bucket, the scales padded
+    to its largest map at traced offsets) draws the tokens of the scale-by-scale sampler, with
+    the filters, the guidance ramp, Gumbel mixing and editing, and decodes the same images."""
+    patch_nums = (1, 2, 3, 4, 6)  # buckets (1x1 ... 3x3 padded to 3x3), (4x4), (6x6)
+    var = random_model(lambda: VAR(VARConfig.tiny(
+        width=32, patch_nums=patch_nums, vocab_size=32, cvae=8, num_classes=5,
+        drop_path_rate=0.0, attn_backend=backend), rngs=nnx.Rngs(0)), 0)
+    vae = random_model(lambda: VQVAE(VQVAEConfig.tiny(
+        image_size=24, patch_nums=patch_nums, vocab_size=32, z_channels=8, use_attn=False,
+        use_mid_attn=False), rngs=nnx.Rngs(0)), 1)
+    per_scale = sampling.Sampler(var, vae)
+    bucketed = sampling.Sampler(var, vae, scale_buckets=True)
+    assert per_scale.buckets is None
+    assert [b.scales for b in bucketed.buckets] == [(0, 1, 2), (3,), (4,)]
+    labels = jnp.array([0, 3, 5])
+    ref = [jax.random.randint(jax.random.key(k), (3, p, p), 0, 32)
+           for k, p in enumerate(patch_nums)]
+    keep = sampling.edit_keep_masks(np.tril(np.ones((24, 24))), patch_nums, 3)
+    settings = [dict(cfg=1.5, top_k=8, top_p=0.9, guidance_power=2.0),
+                dict(cfg=2.0, top_k=0, top_p=0.0, more_smooth=True, reference_maps=ref,
+                     keep_masks=keep)]
+    for options in settings[:1] if backend == "flash" else settings:
+        maps_a, images_a = per_scale(labels, 7, **options)
+        maps_b, images_b = bucketed(labels, 7, **options)
+        for a, b in zip(maps_a, maps_b, strict=True):
+            np.testing.assert_array_equal(b, a)
+        np.testing.assert_allclose(images_b, images_a, atol=2e-5)
+    assert len({int(t) for m in maps_b[1:] for t in np.ravel(m)}) > 1
+
+
 def test_bad_arguments(models):
     _, _, sampler = models
     with pytest.raises(ValueError, match="labels_B"):
@@ -267,6 +299,13 @@ def test_bad_arguments(models):
         sampler(jnp.array([0]), "seed", top_k=0)
     with pytest.raises(ValueError, match="guidance_power must be a finite number >= 0"):
         sampler(jnp.array([0]), 0, top_k=0, guidance_power=-1.0)
+    with pytest.raises(ValueError, match="scale_buckets must be True or False"):
+        sampling.Sampler(models[0], models[1], scale_buckets="yes")
+    low_rank = nnx.eval_shape(lambda: VAR(VARConfig.tiny(
+        width=32, patch_nums=PATCH_NUMS, vocab_size=32, cvae=8, num_classes=5,
+        attn_backend="poly", attn_options={"degree": 2}), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="KV-cache attention backend"):
+        sampling.Sampler(low_rank, models[1], scale_buckets=True)
     other = VARConfig.tiny(width=32, patch_nums=(1, 2), vocab_size=32, cvae=8)
     var = nnx.eval_shape(lambda: VAR(other, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="patch_nums"):

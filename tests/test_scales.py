@@ -56,3 +56,23 @@ def test_bad_schedules_raise(bad):
 def test_geometric_schedule_bad_n():
     with pytest.raises(ValueError, match="n must be"):
         scales.geometric_schedule(0)
+
+
+def test_sampling_buckets_pad_within_the_budget():
+    layout = scales.token_layout(scales.SCHEDULES["256"])
+    plan = scales.sampling_buckets(layout.patch_nums)
+    assert [b.scales for b in plan] == [(0, 1, 2, 3, 4, 5), (6, 7), (8,), (9,)]
+    assert [(b.side, b.rows, b.read_len) for b in plan] == [
+        (6, 36, 91), (10, 100, 255), (13, 169, 424), (16, 256, 680)]
+    for schedule in scales.SCHEDULES.values():
+        for max_padding in (0.0, 0.1, 0.25, 1.0):
+            plan = scales.sampling_buckets(schedule, max_padding)
+            assert [k for b in plan for k in b.scales] == list(range(len(schedule)))
+            padded = sum(b.rows - schedule[k] ** 2 for b in plan for k in b.scales)
+            assert padded <= max_padding * scales.token_layout(schedule).seq_len
+            for b in plan:  # the bucket's largest map sets its shape and the keys it reads
+                assert b.side == schedule[b.scales[-1]]
+                assert b.read_len == scales.token_layout(schedule).begin_ends[b.scales[-1]][1]
+    assert all(len(b.scales) == 1 for b in scales.sampling_buckets(layout.patch_nums, 0))
+    with pytest.raises(ValueError, match="max_padding"):
+        scales.sampling_buckets(layout.patch_nums, -0.1)

@@ -218,13 +218,14 @@ def test_bad_layout_fields_fail_early():
         dataclasses.replace(LOOPED, attn_backend="auto", attn_options={"degree": 2})
 
 
-def _compiled_sampler_hlo(split_kernels: bool):
+def _compiled_sampler_hlo(split_kernels: bool, scale_buckets: bool = False):
     vae_cfg = VQVAEConfig.tiny(image_size=12, patch_nums=PATCH_NUMS, vocab_size=16,
                                z_channels=4, use_attn=False, use_mid_attn=False)
     vae = VQVAE(vae_cfg, rngs=nnx.Rngs(1))
     _, scanned = _pair()
-    sampler = sampling.Sampler(scanned, vae)
-    run = sampling._compiled(sampler.var_graphdef, sampler.vae_graphdef, 8, False, False, False)
+    sampler = sampling.Sampler(scanned, vae, scale_buckets=scale_buckets)
+    run = sampling._compiled(sampler.var_graphdef, sampler.vae_graphdef, 8, False, False, False,
+                             sampler.buckets)
     labels = jnp.array([0, 3, 4])
     kernels = LayerKernels.split(scanned.blocks) if split_kernels else None
     hlo = run.lower(sampler.var_state, sampler.vae_state, labels, jax.random.key(0),
@@ -233,11 +234,13 @@ def _compiled_sampler_hlo(split_kernels: bool):
     return scanned.config, labels, hlo
 
 
-def test_scanned_sampler_keeps_the_kv_cache_in_place():
+@pytest.mark.parametrize("scale_buckets", [False, True], ids=["per_scale", "buckets"])
+def test_scanned_sampler_keeps_the_kv_cache_in_place(scale_buckets):
     """The compiled scanned sampler copies no whole stacked KV cache: the caches ride in the
     layer scan's carry and each layer writes only its new keys and values (scanned as xs / ys
-    they were copied in and out at every layer and between scales)."""
-    cfg, labels, hlo = _compiled_sampler_hlo(split_kernels=True)
+    they were copied in and out at every layer and between scales); with the scales in
+    buckets also through the scan over a bucket's scales."""
+    cfg, labels, hlo = _compiled_sampler_hlo(split_kernels=True, scale_buckets=scale_buckets)
     stacked = f"f32[{cfg.depth},{2 * len(labels)},{cfg.seq_len},{cfg.num_heads},{cfg.head_dim}]"
     assert f"{stacked}" in hlo  # the cache is there ...
     copies = [line for line in hlo.splitlines() if f"= {stacked}" in line and " copy(" in line]

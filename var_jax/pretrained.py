@@ -54,10 +54,11 @@ def _jitted(model, method):
 class Pipeline:
     """A VAR transformer with its VQ-VAE: encode, decode, teacher-forced logits, sampling."""
 
-    def __init__(self, var_model: VAR, vqvae_model: VQVAE):
+    def __init__(self, var_model: VAR, vqvae_model: VQVAE, *, scale_buckets: bool = False):
         self.var = var_model
         self.vqvae = vqvae_model
-        self.sampler = sampling.Sampler(var_model, vqvae_model)  # checks the two fit
+        # Checks the two fit. scale_buckets: see sampling.Sampler.
+        self.sampler = sampling.Sampler(var_model, vqvae_model, scale_buckets=scale_buckets)
         self._encode = _jitted(vqvae_model, lambda m, x: m.images_to_indices(x))
         self._decode = _jitted(vqvae_model, lambda m, maps: m.indices_to_images(maps))
         graphdefs_states = nnx.split((var_model, vqvae_model))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax import checks, interp, xla_options
+from var_jax import attention, checks, interp, scales, xla_options
 from var_jax.models.var import LayerKernels
 
 # ----------------------------------------------------------------------------------------------
@@ -274,55 +274,180 @@ def _as_key(key):
     return key
 
 
+def _scale_ratio(scale_index: int, num_scales: int) -> np.float32:
+    """k / (K - 1), the guidance ramp's position (0 for a one-scale schedule), in float32 as
+    both samplers compute with it."""
+    return np.float32(scale_index / (num_scales - 1) if num_scales > 1 else 0.0)
+
+
+def _token_gumbels(key, positions_P, batch: int, vocab: int) -> jax.Array:
+    """Gumbel noise (B, P, V) for the tokens at ``positions`` (traced is fine): each token's
+    noise is a function of the key and its position alone, so a scale drawn at its own shape
+    and the same scale padded in a bucket get the same noise."""
+    noise = jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (batch, vocab),
+                                                 jnp.float32))(positions_P)
+    return noise.swapaxes(0, 1)
+
+
+def _soft_codes(gumbels_BxlxV, filtered_BxlxV, ratio, codebook_VxC):
+    """``more_smooth``: the Gumbel-softmax mixture of codes (tau = max(0.27 (1 - 0.95 ratio),
+    0.005), logits x (1 + ratio)), (B, l, C) float32."""
+    tau = jnp.maximum(0.27 * (1 - 0.95 * ratio), 0.005)
+    soft = jax.nn.softmax((filtered_BxlxV * (1 + ratio) + gumbels_BxlxV) / tau, axis=-1)
+    return jnp.einsum("blv,vc->blc", soft, codebook_VxC.astype(jnp.float32))
+
+
+def _draw_and_embed(logits_2BxlxV, uniforms_Bxl, positions_l, *, cfg, guidance_power, ratio,
+                    top_k, top_p, draw_chunk, gumbel_key, codebook, ref_idx=None, keep=None):
+    """One scale's tokens from its logits and their code vectors -> (idx (B, l), h (B, l, C)
+    in the codebook's dtype), the same for a scale at its own shape and padded in a bucket."""
+    # A traced power: changing it does not recompile. 0 ** 0 = 1 (constant guidance).
+    guidance = cfg * jnp.power(ratio, guidance_power)
+    more_smooth = gumbel_key is not None
+    idx, filtered = draw_scale_tokens(logits_2BxlxV, uniforms_Bxl, guidance, top_k, top_p,
+                                      chunk=draw_chunk, with_logits=more_smooth)
+    if more_smooth:
+        gumbels = _token_gumbels(gumbel_key, positions_l, idx.shape[0], codebook.shape[0])
+        h = _soft_codes(gumbels, filtered, ratio, codebook)
+    else:
+        h = codebook[idx]
+    if keep is not None:
+        idx = jnp.where(keep, ref_idx, idx)
+        h = jnp.where(keep[..., None], codebook[ref_idx].astype(h.dtype), h)
+    return idx, h.astype(codebook.dtype)
+
+
+def _bucket_tables(patch_nums, bucket) -> dict:
+    """Per scale of ``bucket`` (leading axis), what its shared step reads: the scale, its token
+    range and guidance ratio, the area-downsampling (side, n) and bicubic-upsampling (n, side)
+    matrices of its pn x pn map zero-padded to the bucket's side (the identity at pn = n, as
+    ``interp.resize``), and where each token sits in the side x side grid and back."""
+    layout = scales.token_layout(patch_nums)
+    n, side = patch_nums[-1], bucket.side
+    rows = {name: [] for name in ("scale", "begin", "end", "ratio", "down", "up",
+                                  "cell_of_token", "token_of_cell")}
+    for k in bucket.scales:
+        pn = patch_nums[k]
+        down = np.zeros((side, n))
+        up = np.zeros((n, side))
+        down[:pn] = np.eye(n) if pn == n else interp.resize_matrix(n, pn, "area")
+        up[:, :pn] = np.eye(n) if pn == n else interp.resize_matrix(pn, n, "bicubic")
+        t = np.arange(side * side)
+        cell_of_token = np.where(t < pn * pn, (t // pn) * side + t % pn, 0)
+        i, j = t // side, t % side
+        token_of_cell = np.where((i < pn) & (j < pn), i * pn + j, 0)
+        for name, value in (("scale", k), ("begin", layout.begin_ends[k][0]),
+                            ("end", layout.begin_ends[k][1]),
+                            ("ratio", _scale_ratio(k, layout.num_scales)), ("down", down),
+                            ("up", up), ("cell_of_token", cell_of_token),
+                            ("token_of_cell", token_of_cell)):
+            rows[name].append(value)
+    dtypes = {"ratio": np.float32, "down": np.float64, "up": np.float64}
+    return {name: np.asarray(values, dtypes.get(name, np.int32))
+            for name, values in rows.items()}
+
+
+def _scales_one_by_one(var, vae, cond, states, draw):
+    """Each scale at its own shapes (unrolled): the looped layout's and the low-rank backends'
+    sampler, and the reference the bucketed one is tested against."""
+    patch_nums = var.config.patch_nums
+    batch = cond.cond.shape[0] // 2
+    tokens = var.embed_scale(0, cond)
+    f_hat, token_maps = None, []
+    for si, pn in enumerate(patch_nums):
+        begin, end = var.begin_ends[si]
+        logits_2B, states = var.decode_scale(tokens, cond, states, si)
+        idx, h = draw(si, logits_2B, begin, jnp.arange(begin, end), end - begin,
+                      _scale_ratio(si, len(patch_nums)))
+        token_maps.append(idx.reshape(batch, pn, pn))
+        f_hat, x_next = vae.next_scale_input(si, f_hat, h.reshape(batch, pn, pn, -1))
+        if x_next is not None:
+            nxt = var.embed_scale(si + 1, cond, x_next)
+            tokens = jnp.concatenate([nxt, nxt], axis=0)
+    return token_maps, f_hat
+
+
+def _scales_in_buckets(var, vae, cond, states, draw, buckets):
+    """The scales of each bucket (``scales.sampling_buckets``) as one ``lax.scan`` over one
+    step at the bucket's shape, the scale's offsets and matrices read from its tables: the
+    compiled program holds a transformer, head, draw and quantizer step per bucket instead of
+    per scale. The same tokens as :func:`_scales_one_by_one` (to rounding of the resizes)."""
+    patch_nums = var.config.patch_nums
+    batch = cond.cond.shape[0] // 2
+    codebook = vae.codebook
+    n = patch_nums[-1]
+    highest = jax.lax.Precision.HIGHEST
+    f_hat = jnp.zeros((batch, n, n, codebook.shape[1]), codebook.dtype)
+    token_maps = [None] * len(patch_nums)
+    for bucket in buckets:
+        rows, side = bucket.rows, bucket.side
+        tables = {name: jnp.asarray(value, codebook.dtype if value.dtype == np.float64
+                                    else value.dtype)
+                  for name, value in _bucket_tables(patch_nums, bucket).items()}
+        starts = bucket.scales[0] == 0
+
+        def step(carry, t, rows=rows, side=side, starts=starts, read_len=bucket.read_len):
+            f_hat, states = carry
+            grid = jnp.einsum("ih,bhwc,jw->bijc", t["down"], f_hat, t["down"], precision=highest)
+            x_in = grid.reshape(batch, rows, -1)[:, t["cell_of_token"]]
+            tokens = var.embed_rows(t["begin"], rows, cond, x_in,
+                                    t["scale"] == 0 if starts else None)
+            logits_2B, states = var.decode_rows(tokens, cond, states, t["begin"], t["end"],
+                                                read_len)
+            idx, h = draw(t["scale"], logits_2B, t["begin"], t["begin"] + jnp.arange(rows), rows,
+                          t["ratio"])
+            h_grid = h[:, t["token_of_cell"]].reshape(batch, side, side, -1)
+            up = jnp.einsum("hi,bijc,wj->bhwc", t["up"], h_grid, t["up"], precision=highest)
+            return (f_hat + vae.phi(t["scale"], up), states), idx
+
+        (f_hat, states), idx_SxBxP = jax.lax.scan(step, (f_hat, states), tables)
+        for j, k in enumerate(bucket.scales):
+            pn = patch_nums[k]
+            token_maps[k] = idx_SxBxP[j, :, :pn * pn].reshape(batch, pn, pn)
+    return token_maps, f_hat
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(var_graphdef, vae_graphdef, top_k: int, use_top_p: bool, more_smooth: bool,
-              editing: bool):
+              editing: bool, buckets: tuple | None):
     def run(var_state, vae_state, labels_B, key, cfg, guidance_power, top_p, ref_maps,
             keep_masks, layer_kernels):
         var = nnx.merge(var_graphdef, var_state)
         vae = nnx.merge(vae_graphdef, vae_state)
         config = var.config
-        patch_nums = config.patch_nums
-        num_scales = len(patch_nums)
         batch = labels_B.shape[0]
         codebook = vae.codebook
         labels_2B = jnp.concatenate([labels_B, jnp.full_like(labels_B, config.num_classes)])
         cond = var.decode_condition(var.condition(labels_2B), layer_kernels)  # AdaLN once
         states = var.init_decode_states(2 * batch)
-        tokens = var.embed_scale(0, cond)
-        f_hat, token_maps = None, []
-        # Every scale's random numbers drawn up front: one random-bits computation in the
-        # compiled program instead of a key split and a draw at each scale's shapes.
+        # Every token's uniform drawn up front: one random-bits computation in the compiled
+        # program instead of a key split and a draw at each scale's shapes (padded for the
+        # buckets' last rows).
         key_idx, key_gumbel = jax.random.split(key)
         uniforms_BxL = jax.random.uniform(key_idx, (batch, config.seq_len), jnp.float32)
-        gumbel_keys = jax.random.split(key_gumbel, num_scales) if more_smooth else None
-        draw_chunk = _CPU_DRAW_CHUNK if jax.default_backend() == "cpu" else None
-        for si, pn in enumerate(patch_nums):
-            ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
-            begin, end = var.begin_ends[si]
-            logits_2B, states = var.decode_scale(tokens, cond, states, si)
-            # A traced power: changing it does not recompile. 0 ** 0 = 1 (constant guidance).
-            guidance = cfg * jnp.power(jnp.float32(ratio), guidance_power)
-            idx, logits = draw_scale_tokens(logits_2B, uniforms_BxL[:, begin:end], guidance,
-                                            top_k, top_p if use_top_p else None,
-                                            chunk=draw_chunk, with_logits=more_smooth)
-            if more_smooth:
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                soft = gumbel_softmax(gumbel_keys[si], logits * (1 + ratio), tau)
-                h = jnp.einsum("blv,vc->blc", soft, codebook.astype(jnp.float32))
-            else:
-                h = codebook[idx]
+        uniforms_BxL = jnp.pad(uniforms_BxL, ((0, 0), (0, config.patch_nums[-1] ** 2)))
+        if editing:  # per scale (B, l), padded to the finest scale's tokens
+            pad = config.patch_nums[-1] ** 2
+            ref_all = jnp.stack([jnp.pad(r, ((0, 0), (0, pad - r.shape[1]))) for r in ref_maps])
+            keep_all = jnp.stack([jnp.pad(m, ((0, 0), (0, pad - m.shape[1])))
+                                  for m in keep_masks])
+
+        def draw(scale, logits_2B, begin, positions, rows, ratio):
+            ref_idx = keep = None
             if editing:
-                keep = keep_masks[si]
-                idx = jnp.where(keep, ref_maps[si], idx)
-                h = jnp.where(keep[..., None], codebook[ref_maps[si]].astype(h.dtype), h)
-            token_maps.append(idx.reshape(batch, pn, pn))
-            h = h.reshape(batch, pn, pn, -1).astype(codebook.dtype)
-            f_hat, x_next = vae.next_scale_input(si, f_hat, h)
-            if x_next is not None:
-                nxt = var.embed_scale(si + 1, cond, x_next)
-                tokens = jnp.concatenate([nxt, nxt], axis=0)
-        return token_maps, f_hat
+                ref_idx = jax.lax.dynamic_slice_in_dim(ref_all[scale], 0, rows, axis=1)
+                keep = jax.lax.dynamic_slice_in_dim(keep_all[scale], 0, rows, axis=1)
+            return _draw_and_embed(
+                logits_2B, jax.lax.dynamic_slice_in_dim(uniforms_BxL, begin, rows, axis=1),
+                positions, cfg=cfg, guidance_power=guidance_power, ratio=ratio, top_k=top_k,
+                top_p=top_p if use_top_p else None,
+                draw_chunk=_CPU_DRAW_CHUNK if jax.default_backend() == "cpu" else None,
+                gumbel_key=key_gumbel if more_smooth else None, codebook=codebook,
+                ref_idx=ref_idx, keep=keep)
+
+        if buckets is None:
+            return _scales_one_by_one(var, vae, cond, states, draw)
+        return _scales_in_buckets(var, vae, cond, states, draw, buckets)
 
     return jax.jit(run)
 
@@ -356,15 +481,37 @@ def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
     return _compiled_decoder(vae_graphdef, ())(vae_state, f_hat_BxnxnxC)
 
 
+def _choose_buckets(var_model, scale_buckets: bool):
+    """The sampler's ``scales.sampling_buckets``, or None for one step per scale."""
+    if not isinstance(scale_buckets, bool):
+        raise ValueError(f"scale_buckets must be True or False, got {scale_buckets!r}")
+    if not scale_buckets:
+        return None
+    config = var_model.config
+    if not config.scan_layers or attention.registry.get(config.attention[0]).step_rows is None:
+        raise ValueError("scale_buckets=True needs the scanned layout (VARConfig.scan_layers) "
+                         "and a KV-cache attention backend (exact, flash), got scan_layers="
+                         f"{config.scan_layers}, attention {config.attention[0]!r}")
+    return scales.sampling_buckets(config.patch_nums)
+
+
 class Sampler:
     """A VAR + VQ-VAE pair split once into (graph, state), ready for repeated jitted sampling.
 
     ``__call__(labels_B, key, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False,
     reference_maps=None, keep_masks=None, guidance_power=1.0)``; each distinct (top_k, top_p > 0,
     more_smooth, editing) compiles once per input shape.
+
+    ``scale_buckets``: run the scales in buckets (``scales.sampling_buckets``: one compiled
+    step per bucket of scales padded to a shared shape, instead of one per scale), which needs
+    the scanned layout and a KV-cache attention backend (exact, flash). The same tokens, to the
+    rounding of the resizes; a trade: on a 2-core CPU (d16, batch 1) the first call compiles
+    in about two thirds of the time and every call runs about 13% longer (the padded rows;
+    docs/scan_layers.md), so it is off by default. Not measured on an accelerator, where the
+    padded rows of the small scales should cost little and the compile is longer.
     """
 
-    def __init__(self, var_model, vqvae_model):
+    def __init__(self, var_model, vqvae_model, *, scale_buckets: bool = False):
         var_cfg, vae_cfg = var_model.config, vqvae_model.config
         if tuple(var_cfg.patch_nums) != tuple(vae_cfg.patch_nums):
             raise ValueError(f"VAR patch_nums {var_cfg.patch_nums} differ from the VQ-VAE's "
@@ -374,6 +521,7 @@ class Sampler:
                              f"the VQ-VAE (z_channels {vae_cfg.z_channels}, vocab "
                              f"{vae_cfg.vocab_size})")
         self.config = var_cfg
+        self.buckets = _choose_buckets(var_model, scale_buckets)
         self.var_graphdef, self.var_state = nnx.split(var_model)
         # On a CPU the scanned layers read their matmul kernels in place, one array per layer
         # (split once here, without copying), instead of copying a slice of each stacked
@@ -400,7 +548,7 @@ class Sampler:
         else:
             ref, masks = None, None
         fn = _compiled(self.var_graphdef, self.vae_graphdef, int(top_k), float(top_p) > 0,
-                       bool(more_smooth), editing)
+                       bool(more_smooth), editing, self.buckets)
         token_maps, f_hat = fn(self.var_state, self.vae_state, labels, _as_key(key),
                                jnp.float32(cfg), jnp.float32(guidance_power),
                                jnp.float32(top_p), ref, masks,

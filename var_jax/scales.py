@@ -111,3 +111,51 @@ def phi_index_map(num_scales: int, num_phi: int = 4) -> tuple[int, ...]:
         dist = np.abs(ticks - at)
         out.append(int(np.flatnonzero(dist <= dist.min() + 1e-12)[-1]))
     return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleBucket:
+    """Consecutive scales that one compiled sampling step serves, each padded to the bucket's
+    largest map: ``side`` x ``side`` tokens (``rows``), attending to the keys [0, ``read_len``)
+    (the end of the bucket's last scale) with those beyond the scale's own end masked."""
+
+    scales: tuple[int, ...]
+    side: int
+    read_len: int
+
+    @property
+    def rows(self) -> int:
+        return self.side * self.side
+
+
+def sampling_buckets(patch_nums, max_padding: float = 0.25) -> tuple[ScaleBucket, ...]:
+    """Groups a schedule's scales into :class:`ScaleBucket` s for the bucketed sampler.
+
+    Why: a compiled program pays code generation for every distinct shape it holds, and a
+    sampler that runs each scale at its own shape compiles the transformer, the head and the
+    draw ten times (d16); a bucket's scales share one step at one shape. The price is padded
+    rows, so consecutive scales join a bucket greedily, coarse to fine, while the padded tokens
+    of all buckets stay within ``max_padding`` x L (0.25 and the 256px schedule: the 1x1 ... 6x6
+    maps in one bucket, 8x8 and 10x10 in a second, 13x13 and 16x16 alone; 161 padded tokens
+    for L = 680). ``max_padding=0`` gives one bucket per scale.
+    """
+    layout = token_layout(patch_nums)
+    if not (isinstance(max_padding, (int, float)) and 0 <= max_padding < float("inf")):
+        raise ValueError(f"max_padding must be a finite number >= 0, got {max_padding!r}")
+    budget = max_padding * layout.seq_len
+    groups: list[list[int]] = []
+    padded = 0  # padded tokens of the finished groups
+
+    def padding(group):
+        side = layout.patch_nums[group[-1]]
+        return sum(side * side - layout.patch_nums[k] ** 2 for k in group)
+
+    for k in range(layout.num_scales):
+        if groups and padded + padding(groups[-1] + [k]) <= budget:
+            groups[-1].append(k)
+            continue
+        if groups:
+            padded += padding(groups[-1])
+        groups.append([k])
+    return tuple(ScaleBucket(tuple(g), layout.patch_nums[g[-1]], layout.begin_ends[g[-1]][1])
+                 for g in groups)

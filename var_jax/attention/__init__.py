@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from var_jax.attention import _checks, criterion, decode, exact, flash, prefix, registry  # noqa: F401
 from var_jax.attention.criterion import Plan, plan
-from var_jax.attention.decode import DecodeState, decode_scale, init_decode_state
+from var_jax.attention.decode import (
+    DecodeState,
+    PaddedScale,
+    decode_rows,
+    decode_scale,
+    init_decode_state,
+)
 from var_jax.attention.registry import (
     backend_names,
     check_backend_options,
@@ -29,8 +35,9 @@ from var_jax.attention.registry import (
 )
 
 __all__ = ["block_causal_attention", "plan", "Plan", "init_decode_state", "decode_scale",
-           "DecodeState", "BACKENDS", "backend_names", "sampling_backend_names",
-           "check_backend_options", "resolve_auto", "full_attention", "option_defaults"]
+           "decode_rows", "PaddedScale", "DecodeState", "BACKENDS", "backend_names",
+           "sampling_backend_names", "check_backend_options", "resolve_auto", "full_attention",
+           "option_defaults"]
 
 BACKENDS = backend_names()
 

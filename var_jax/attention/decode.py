@@ -35,6 +35,17 @@ class DecodeState:
     requested: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaddedScale:
+    """Where a scale padded to more rows than its tokens sits (:func:`decode_rows`): its first
+    token ``begin`` and its ``end``, traced ints, so that scales of different sizes share one
+    compiled step."""
+
+    begin: jax.Array
+    end: jax.Array
+
+
 def _frozen(options):
     return tuple(sorted(options.items()))
 
@@ -65,6 +76,35 @@ def decode_scale(state: DecodeState, q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, scale_inde
     match the state's (they are fixed when the state is made); a state made for "auto" takes
     backend="auto" and the options it was made with.
     """
+    _check_call(state, backend, options)
+    _checks.check_scale_qkv(q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, state.patch_nums, scale_index)
+    begin, end = scales.token_layout(state.patch_nums).begin_ends[scale_index]
+    out, arrays = registry.get(state.backend).step(state.arrays, q_BxlxHxD, k_BxlxHxD,
+                                                   v_BxlxHxD, begin, end, dict(state.options))
+    return out, dataclasses.replace(state, arrays=arrays)
+
+
+def decode_rows(state: DecodeState, q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, begin, end, *, backend,
+                **options):
+    """:func:`decode_scale` for a scale padded to l rows at a traced offset: the rows' keys and
+    values are written at ``begin`` and the keys [0, ``end``) of the state's cache are read
+    (``begin``, ``end`` traced ints, l >= end - begin; the padded rows' outputs are to be
+    dropped). The state may hold a cache cut at any length that covers the written rows.
+    KV-cache backends only (``Backend.step_rows``); what the bucketed sampler runs.
+    """
+    _check_call(state, backend, options)
+    spec = registry.get(state.backend)
+    if spec.step_rows is None:
+        able = [b for b in registry.backend_names() if registry.get(b).step_rows]
+        raise ValueError(f"backend {state.backend!r} has no padded-rows step (KV-cache "
+                         f"backends only: {able})")
+    out, arrays = spec.step_rows(state.arrays, q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, begin, end,
+                                 dict(state.options))
+    return out, dataclasses.replace(state, arrays=arrays)
+
+
+def _check_call(state: DecodeState, backend, options) -> None:
+    """The backend and options of a decode call must be those the state was made with."""
     if state.requested and backend == state.requested[0]:
         fixed = dict(state.requested[1])
     elif backend == state.backend:
@@ -76,8 +116,3 @@ def decode_scale(state: DecodeState, q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, scale_inde
         if name not in fixed or fixed[name] != value:
             raise ValueError(f"option {name}={value!r} differs from the decoding state's options "
                              f"{fixed}")
-    _checks.check_scale_qkv(q_BxlxHxD, k_BxlxHxD, v_BxlxHxD, state.patch_nums, scale_index)
-    begin, end = scales.token_layout(state.patch_nums).begin_ends[scale_index]
-    out, arrays = registry.get(state.backend).step(state.arrays, q_BxlxHxD, k_BxlxHxD,
-                                                   v_BxlxHxD, begin, end, dict(state.options))
-    return out, dataclasses.replace(state, arrays=arrays)

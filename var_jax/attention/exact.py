@@ -54,14 +54,18 @@ def exact_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, query_block=
     return out[:, :seq_len].astype(dtype)
 
 
-def attend_prefix(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD):
-    """One scale's queries against every key of its prefix (no mask needed), float32 softmax."""
+def attend_prefix(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD, kv_len=None):
+    """One scale's queries against every key of its prefix (no mask needed), float32 softmax.
+    ``kv_len`` (a traced int is fine): only the first ``kv_len`` keys are seen (the bucketed
+    sampler reads a prefix longer than the scale's own)."""
     dtype = q_BxlxHxD.dtype
     # Heads moved in front once, so both products are plain batched matmuls over (B, H): on a
     # CPU about 1.2x faster than letting the einsums transpose around each dot.
     q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2)
                for x in (q_BxlxHxD, k_BxPxHxD, v_BxPxHxD))
     logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=jax.lax.Precision.HIGHEST)
+    if kv_len is not None:
+        logits = jnp.where(jnp.arange(k.shape[-2]) < kv_len, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.matmul(probs, v, precision=jax.lax.Precision.HIGHEST)
     return jnp.swapaxes(out, 1, 2).astype(dtype)

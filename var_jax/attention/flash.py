@@ -53,11 +53,15 @@ def flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, implementati
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
-def prefix_call(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD, implementation="default"):
-    """One scale's queries against its whole prefix through `jax.nn.dot_product_attention`."""
+def prefix_call(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD, implementation="default", kv_len=None):
+    """One scale's queries against its whole prefix through `jax.nn.dot_product_attention`;
+    with ``kv_len`` (a traced int is fine) against its first ``kv_len`` keys only."""
     if implementation == "default":
         implementation = default_implementation(q_BxlxHxD.dtype)
     if q_BxlxHxD.shape[1] == 1 or k_BxPxHxD.shape[1] == 1:
         implementation = "xla"  # cuDNN refuses length-1 sequences.
+    lengths = (None if kv_len is None
+               else jnp.full((q_BxlxHxD.shape[0],), kv_len, jnp.int32))
     return jax.nn.dot_product_attention(q_BxlxHxD, k_BxPxHxD, v_BxPxHxD, scale=1.0,
+                                        key_value_seq_lengths=lengths,
                                         implementation=implementation)

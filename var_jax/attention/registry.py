@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from var_jax import scales
@@ -105,6 +106,10 @@ class Backend:
     kv_cache: the state is a KV cache {"k", "v"} of (B, L, H, D) whose step writes [begin, end)
     and reads [0, end) only, so a caller may hand it the cache cut at ``end`` (what the scanned
     sampler does to read one layer's cache in place of copying all of it).
+    step_rows(arrays, q, k, v, begin, end, opts) (KV-cache backends): the step for a scale
+    padded to q's l >= end - begin rows, with ``begin`` and ``end`` traced ints: writes the l
+    rows at ``begin`` (the cache must hold them) and reads the keys [0, end) of the cache it is
+    given, whatever its length (the bucketed sampler's step, ``scales.sampling_buckets``).
     """
 
     name: str
@@ -115,6 +120,7 @@ class Backend:
     resolve: Callable | None = None
     doc: str = ""
     kv_cache: bool = False
+    step_rows: Callable | None = None
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -143,6 +149,18 @@ def _kv_step(attend_prefix):
     return step
 
 
+def _kv_step_rows(attend_prefix):
+    """Step of a KV-cache backend on padded rows at a traced offset (``Backend.step_rows``);
+    attend_prefix(q, k, v, opts, kv_len) attends to the first kv_len keys."""
+    def step_rows(arrays, q, k, v, begin, end, opts):
+        at = (0, begin, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(arrays["k"], k.astype(arrays["k"].dtype), at)
+        cache_v = jax.lax.dynamic_update_slice(arrays["v"], v.astype(arrays["v"].dtype), at)
+        out = attend_prefix(q, cache_k, cache_v, opts, end)
+        return out.astype(q.dtype), {"k": cache_k, "v": cache_v}
+    return step_rows
+
+
 def _exact_full(q, k, v, layout, rng, opts):
     del rng
     return exact.exact_attention(q, k, v, layout.patch_nums, **opts)
@@ -153,13 +171,14 @@ def _flash_full(q, k, v, layout, rng, opts):
     return flash.flash_attention(q, k, v, layout.patch_nums, **opts)
 
 
-def _exact_prefix(q, k, v, opts):
+def _exact_prefix(q, k, v, opts, kv_len=None):
     del opts
-    return exact.attend_prefix(q, k, v)
+    return exact.attend_prefix(q, k, v, kv_len)
 
 
-def _flash_prefix(q, k, v, opts):
-    return flash.prefix_call(q, k.astype(q.dtype), v.astype(q.dtype), opts["implementation"])
+def _flash_prefix(q, k, v, opts, kv_len=None):
+    return flash.prefix_call(q, k.astype(q.dtype), v.astype(q.dtype), opts["implementation"],
+                             kv_len)
 
 
 # --- poly / favor: low-rank feature maps over the prefix-sum core -------------------------------
@@ -268,13 +287,15 @@ def _make_table():
             Option("query_block", None, _positive_int_or_none,
                    "queries per lax.map block (None: by a logit-memory budget)"),),
             _exact_full, _kv_init, _kv_step(_exact_prefix),
-            doc="float32 masked reference, O(L^2)", kv_cache=True),
+            doc="float32 masked reference, O(L^2)", kv_cache=True,
+            step_rows=_kv_step_rows(_exact_prefix)),
         Backend("flash", (
             Option("implementation", "default", _one_of("default", None, "xla", "cudnn"),
                    "jax.nn.dot_product_attention implementation ('default': cuDNN for half "
                    "precision on GPU)"),
             GROUP_TOKENS), _flash_full, _kv_init, _kv_step(_flash_prefix),
-            doc="exact, one unmasked fused call per scale", kv_cache=True),
+            doc="exact, one unmasked fused call per scale", kv_cache=True,
+            step_rows=_kv_step_rows(_flash_prefix)),
         Backend("poly", (
             Option("degree", 2, _non_negative_int, "polynomial degree g (rank binom(D+g, g))"),
             Option("approximation", "taylor", _one_of(*poly.APPROXIMATIONS),

@@ -342,11 +342,16 @@ class SelfAttention(nnx.Module):
                                              rng=rng, **options)
         return self._out(o)
 
-    def decode(self, x_BxlxC, state, scale_index: int, kernels: LayerKernels | None = None):
+    def decode(self, x_BxlxC, state, scale, kernels: LayerKernels | None = None):
+        """One scale on the decode state; ``scale``: its index, or an
+        ``attention.PaddedScale`` (rows padded, traced offsets: ``attention.decode_rows``)."""
         backend, options = self.config.attention
         q, k, v = self.qkv(x_BxlxC, kernels, one_product=True)
-        o, state = attention.decode_scale(state, q, k, v, scale_index, backend=backend,
-                                          **options)
+        if isinstance(scale, attention.PaddedScale):
+            o, state = attention.decode_rows(state, q, k, v, scale.begin, scale.end,
+                                             backend=backend, **options)
+        else:
+            o, state = attention.decode_scale(state, q, k, v, scale, backend=backend, **options)
         return self._out(o, kernels), state
 
 
@@ -420,14 +425,13 @@ class AdaLNSelfAttn(nnx.Module):
                                layer.drop_rate, layer.drop_key)
         return x
 
-    def decode(self, x_BxlxC, ada_Bx6xC, state, scale_index: int,
-               kernels: LayerKernels | None = None):
+    def decode(self, x_BxlxC, ada_Bx6xC, state, scale, kernels: LayerKernels | None = None):
         """One scale on the decode state, given this block's modulation (see ``modulation``:
         the condition is the same at every scale, so the sampler computes it once).
-        ``kernels``: this layer's matmul kernels read in place (:class:`LayerKernels`), instead
-        of the module's own."""
+        ``scale``: as ``SelfAttention.decode``. ``kernels``: this layer's matmul kernels read
+        in place (:class:`LayerKernels`), instead of the module's own."""
         return self._residuals(x_BxlxC, ada_Bx6xC,
-                               lambda h: self.attn.decode(h, state, scale_index, kernels), 0.0,
+                               lambda h: self.attn.decode(h, state, scale, kernels), 0.0,
                                None, kernels)
 
 
@@ -576,29 +580,33 @@ def unroll_blocks(fn, carry, blocks, xs):
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
-def scan_blocks_kv_cache(fn, x, blocks, xs, states, begin: int, end: int):
+def scan_blocks_kv_cache(fn, x, blocks, xs, states, begin, read_len: int):
     """:func:`scan_blocks` for one scale's decode on stacked KV-cache states, with the caches
     in the loop carry instead of the scanned inputs and outputs.
 
     Scanning the caches as xs / ys makes every layer step copy its whole (B, L, H, D) cache in
     and out, and every scale copy the whole stack between scans (17 copies of 178 MB per d16
     sample, counted in the compiled program; docs/scan_layers.md). Here step i cuts layer i's
-    cache at ``end`` (all the attention reads), runs ``fn(block, x, (x_i, state_i))`` and writes
-    back only the scale's new [begin, end) keys and values, in place in the carry.
+    cache at ``read_len`` (all the attention reads: the scale's end, or a bucket's), runs
+    ``fn(block, x, (x_i, state_i))`` and writes back only the scale's x.shape[1] new keys and
+    values at ``begin`` (an int, or traced for a padded scale), in place in the carry.
     """
     graphdef, params = nnx.split(blocks)
     caches = states.arrays
+    rows = x.shape[1]
 
     def body(carry, inputs):
         x, caches = carry
         layer_params, x_i, i = inputs
         prefix = {name: jax.lax.dynamic_slice(cache, (i,) + (0,) * (cache.ndim - 1),
-                                              (1, cache.shape[1], end) + cache.shape[3:])[0]
+                                              (1, cache.shape[1], read_len) + cache.shape[3:])[0]
                   for name, cache in caches.items()}
         x, state = fn(nnx.merge(graphdef, layer_params), x,
                       (x_i, dataclasses.replace(states, arrays=prefix)))
+        new = {name: jax.lax.dynamic_slice_in_dim(state.arrays[name], begin, rows, axis=1)
+               for name in caches}
         caches = {name: jax.lax.dynamic_update_slice(
-                      cache, state.arrays[name][None, :, begin:end].astype(cache.dtype),
+                      cache, new[name][None].astype(cache.dtype),
                       (i, 0, begin) + (0,) * (cache.ndim - 3))
                   for name, cache in caches.items()}
         return (x, caches), None
@@ -777,6 +785,51 @@ class VAR(nnx.Module):
                                  None, self.blocks, jnp.arange(self.config.depth))
         return DecodeCondition(cond_BxC, ada, kernels)
 
+    def embed_rows(self, begin, rows: int, cond_2BxC, x_BxPxCvae, is_start=None):
+        """:meth:`embed_scale` for a scale padded to ``rows`` tokens from ``begin`` (traced),
+        both halves of a guided batch at once -> (2B, rows, C): word_embed(x) for both halves,
+        or the start token where ``is_start`` (a traced bool; None: never). Rows past the
+        sequence take its last position's embedding (padding, dropped by the caller)."""
+        if isinstance(cond_2BxC, DecodeCondition):
+            cond_2BxC = cond_2BxC.cond
+        layout = scales.token_layout(self.config.patch_nums)
+        positions = jnp.minimum(begin + jnp.arange(rows), layout.seq_len - 1)
+        lvl = self.lvl_embed(jnp.asarray(layout.level_ids)[positions])
+        level_pos = lvl + self.pos_1LC[...][positions].astype(lvl.dtype)
+        words = self.word_embed(x_BxPxCvae)
+        tokens = jnp.concatenate([words, words], axis=0)
+        if is_start is not None:
+            start = cond_2BxC[:, None] + self.pos_start[...].astype(cond_2BxC.dtype)
+            tokens = jnp.where(is_start, start.astype(tokens.dtype), tokens)
+        return tokens + level_pos
+
+    def decode_rows(self, tokens_BxPxC, condition, states, begin, end, read_len: int):
+        """:meth:`decode_scale` for a scale padded to P rows at traced offsets [begin, end),
+        its attention reading the keys [0, ``read_len``) of the caches, those from ``end`` on
+        masked (``scales.sampling_buckets``: scales of one bucket share this compiled step).
+        Scanned layout with a KV-cache backend only. -> (logits (B, P, V), states); the
+        padded rows' logits are to be dropped."""
+        if not self.config.scan_layers or attention.registry.get(states.backend).step_rows is None:
+            raise ValueError("decode_rows needs the scanned layout and a KV-cache attention "
+                             f"backend, got scan_layers={self.config.scan_layers}, backend "
+                             f"{states.backend!r}")
+        condition = self.decode_condition(condition)
+        step = self._decode_step(condition, attention.PaddedScale(begin, end))
+        x, states = scan_blocks_kv_cache(step, tokens_BxPxC, self.blocks,
+                                         (condition.ada, jnp.arange(self.config.depth)),
+                                         states, begin, read_len)
+        return self.logits(x, condition.cond), states
+
+    def _decode_step(self, condition: DecodeCondition, scale):
+        kernels = condition.kernels if self.config.scan_layers else None
+
+        def step(block, x, inputs):
+            (ada, layer), state = inputs
+            layer_kernels = None if kernels is None else kernels.at(layer)
+            return block.decode(x, ada, state, scale, layer_kernels)
+
+        return step
+
     def decode_scale(self, tokens_BxlxC, condition, states, scale_index: int, *,
                      unroll_layers: bool = False):
         """One scale through every block on the decode states -> (logits (B, l, V), states).
@@ -787,13 +840,7 @@ class VAR(nnx.Module):
         same function, faster on XLA:CPU, slower to compile.
         """
         condition = self.decode_condition(condition)
-        kernels = condition.kernels if self.config.scan_layers else None
-
-        def step(block, x, inputs):
-            (ada, layer), state = inputs
-            layer_kernels = None if kernels is None else kernels.at(layer)
-            return block.decode(x, ada, state, scale_index, layer_kernels)
-
+        step = self._decode_step(condition, scale_index)
         per_layer = (condition.ada, jnp.arange(self.config.depth))
         if self.config.scan_layers and not unroll_layers and \
                 attention.registry.get(states.backend).kv_cache:

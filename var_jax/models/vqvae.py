@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from var_jax import attention, checks, quantizer, scales
@@ -440,13 +441,20 @@ class VQVAE(nnx.Module):
     def patch_nums(self) -> tuple[int, ...]:
         return self.config.patch_nums
 
-    def phi(self, scale_index: int, h_BxnxnxC: jax.Array) -> jax.Array:
-        """Phi_k(h) = (1 - r) h + r conv_{map[k]}(h), the scale's partially shared conv."""
+    def phi(self, scale_index, h_BxnxnxC: jax.Array) -> jax.Array:
+        """Phi_k(h) = (1 - r) h + r conv_{map[k]}(h), the scale's partially shared conv.
+        ``scale_index``: an int, or a traced one (the conv picked by ``lax.switch``; the
+        bucketed sampler's scales share one step)."""
         ratio = self.config.phi_ratio
         if not ratio:
             return h_BxnxnxC
-        conv = self.quantize.quant_resi.qresi_ls[self.phi_index[scale_index]]
-        return (1 - ratio) * h_BxnxnxC + ratio * conv(h_BxnxnxC)
+        convs = self.quantize.quant_resi.qresi_ls
+        if isinstance(scale_index, (int, np.integer)):
+            conved = convs[self.phi_index[scale_index]](h_BxnxnxC)
+        else:
+            which = jnp.asarray(self.phi_index, jnp.int32)[scale_index]
+            conved = jax.lax.switch(which, [lambda h, c=c: c(h) for c in convs], h_BxnxnxC)
+        return (1 - ratio) * h_BxnxnxC + ratio * conved
 
     # -- images <-> features --------------------------------------------------------------------
     def _check_images(self, images):
