@@ -5,16 +5,20 @@ KV cache; per-call overhead dominates at small batch. Here the K scales are unro
 `jax.jit` (each scale has static shapes), every block carries an attention decode state made by
 `attention.init_decode_state` (a preallocated KV cache for exact/flash, O(features x head_dim)
 running sums for poly/favor) that lives inside the compiled program, and the conditional and
-unconditional halves of classifier-free guidance run as one doubled batch. The decoder that
-turns the final f_hat into images is a second compiled function (:func:`decode_images`), so that
-it can be compiled with its own XLA options.
+unconditional halves of classifier-free guidance run as one doubled batch. With
+``Sampler(scale_buckets=True)`` the scales run instead in buckets (``scales.sampling_buckets``),
+each one ``lax.scan`` over a step at the bucket's largest map with the scale's offsets traced:
+fewer shapes to compile, padded rows to run (docs/scan_layers.md). The decoder that turns the
+final f_hat into images is a second compiled function (:func:`decode_images`), so that it can
+be compiled with its own XLA options.
 
 Per scale k (ratio = k / (K - 1)), as the official ``autoregressive_infer_cfg``:
 logits = (1 + t) cond - t uncond with t = cfg * ratio ** guidance_power (1, the default, is the
 official linear ramp; 2 puts the guidance on the finest scales, 0 the same guidance everywhere);
 top-k (ties with the k-th value kept), then top-p on what is left (the largest always kept); a
 multinomial draw per token; with ``more_smooth`` the map fed on is a Gumbel-softmax mixture of
-codes (tau = max(0.27 (1 - 0.95 ratio), 0.005), logits x (1 + ratio)); then f_hat +=
+codes (tau = max(0.27 (1 - 0.95 ratio), 0.005), logits x (1 + ratio); each token's noise drawn
+from the key and its position); then f_hat +=
 Phi_k(up(h)) and the next scale's input is the area-downsampled f_hat. ``top_k=0`` and
 ``top_p=0`` switch those filters off.
 
