@@ -156,9 +156,11 @@ def sample_categorical(key, logits_xV):
         jax.random.uniform(key, logits_xV.shape[:-1], jnp.float32), logits_xV)
 
 
-def gumbel_softmax(key, logits, tau: float):
-    """Soft (non-hard) Gumbel-softmax over the last axis."""
-    gumbels = jax.random.gumbel(key, logits.shape, jnp.float32)
+def gumbel_softmax(key, logits, tau, *, gumbels=None):
+    """Soft (non-hard) Gumbel-softmax over the last axis; ``gumbels``: the noise, if drawn
+    already (else drawn from ``key`` at the logits' shape)."""
+    if gumbels is None:
+        gumbels = jax.random.gumbel(key, logits.shape, jnp.float32)
     return jax.nn.softmax((logits + gumbels) / tau, axis=-1)
 
 
@@ -297,7 +299,7 @@ def _soft_codes(gumbels_BxlxV, filtered_BxlxV, ratio, codebook_VxC):
     """``more_smooth``: the Gumbel-softmax mixture of codes (tau = max(0.27 (1 - 0.95 ratio),
     0.005), logits x (1 + ratio)), (B, l, C) float32."""
     tau = jnp.maximum(0.27 * (1 - 0.95 * ratio), 0.005)
-    soft = jax.nn.softmax((filtered_BxlxV * (1 + ratio) + gumbels_BxlxV) / tau, axis=-1)
+    soft = gumbel_softmax(None, filtered_BxlxV * (1 + ratio), tau, gumbels=gumbels_BxlxV)
     return jnp.einsum("blv,vc->blc", soft, codebook_VxC.astype(jnp.float32))
 
 
