@@ -12,13 +12,32 @@ from var_jax import attention
 
 
 @pytest.mark.parametrize("query_block", [None, 7])
-def test_exact_matches_float64_reference(query_block):
+@pytest.mark.parametrize("group_tokens", [0, 5, 14, None])
+def test_exact_matches_float64_reference(query_block, group_tokens):
+    """Every split of the scales into one masked product and per-scale unmasked ones (None:
+    the default, here one masked product over all 30 tokens), with and without query blocks."""
     q, k, v = qkv(temperature=5.0)
     ref = reference(q, k, v)
-    out = call(q, k, v, "exact", query_block=query_block)
+    options = {} if group_tokens is None else {"group_tokens": group_tokens}
+    out = call(q, k, v, "exact", query_block=query_block, **options)
     assert out.dtype == jnp.float32 and out.shape == q.shape
     rel = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
     assert rel < 1e-5
+
+
+def test_exact_split_by_scale_has_the_gradients_of_one_masked_product():
+    q, k, v = qkv(seed=5, temperature=6.0)
+    w = jax.random.normal(jax.random.key(9), q.shape)
+
+    def grads(group_tokens):
+        def loss(q, k, v):
+            out = attention.block_causal_attention(q, k, v, PATCH_NUMS, backend="exact",
+                                                   group_tokens=group_tokens)
+            return jnp.sum(out * w)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for split, whole in zip(grads(0), grads(LAYOUT.seq_len), strict=True):
+        np.testing.assert_allclose(split, whole, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group_tokens", [1, 14, 256])

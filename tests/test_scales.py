@@ -76,3 +76,9 @@ def test_sampling_buckets_pad_within_the_budget():
     assert all(len(b.scales) == 1 for b in scales.sampling_buckets(layout.patch_nums, 0))
     with pytest.raises(ValueError, match="max_padding"):
         scales.sampling_buckets(layout.patch_nums, -0.1)
+
+
+def test_leading_group_end():
+    ends = scales.token_layout((1, 2, 3, 4)).begin_ends  # scales end at 1, 5, 14, 30
+    assert [scales.leading_group_end(ends, g) for g in (0, 1, 4, 5, 13, 14, 29, 30, 1000)] == [
+        0, 1, 1, 5, 5, 14, 14, 30, 30]

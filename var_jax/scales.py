@@ -84,6 +84,17 @@ def token_layout(patch_nums) -> TokenLayout:
     return TokenLayout(sides, begin, begin_ends, level_ids)
 
 
+def leading_group_end(begin_ends, group_tokens: int) -> int:
+    """The end of the leading scales that lie within the first ``group_tokens`` tokens (0 when
+    not even the first does): the attention backends do those scales as one masked product and
+    every later scale as a product of its own."""
+    end = 0
+    for _, e in begin_ends:
+        if e <= group_tokens:
+            end = e
+    return end
+
+
 def block_causal_mask(patch_nums) -> np.ndarray:
     """(L, L) bool mask of block-causal attention for a schedule."""
     return token_layout(patch_nums).block_causal_mask()

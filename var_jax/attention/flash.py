@@ -25,14 +25,6 @@ def default_implementation(dtype):
     return None
 
 
-def _grouped_end(layout, group_tokens):
-    end = layout.begin_ends[0][1]
-    for _, e in layout.begin_ends:
-        if e <= group_tokens:
-            end = e
-    return end
-
-
 def flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, implementation="default",
                     group_tokens=DEFAULT_GROUP_TOKENS):
     """Same function as `exact_attention`, computed scale by scale with fused kernels."""
@@ -40,7 +32,8 @@ def flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, implementati
     if implementation == "default":
         implementation = default_implementation(q_BxLxHxD.dtype)
     q, k, v = q_BxLxHxD, k_BxLxHxD, v_BxLxHxD
-    g_end = _grouped_end(layout, group_tokens)
+    g_end = max(layout.begin_ends[0][1],
+                scales.leading_group_end(layout.begin_ends, group_tokens))
     outs = []
     levels = jnp.asarray(layout.level_ids[:g_end])
     mask = (levels[None, :] <= levels[:, None])[None, None]

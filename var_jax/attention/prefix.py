@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import scales
+
 # Feature elements (B x H x chunk x M) materialised at once: 32 MB on CPU (cache-sized, leaves
 # the host's memory alone), 1 GB on accelerators (fewer, larger kernels).
 _CHUNK_ELEMENTS = {"cpu": 1 << 23}
@@ -148,14 +150,6 @@ def read(fmap: FeatureMap, sums: Sums, q_BxlxHxD, chunk: int):
     return jnp.swapaxes(_read(fmap, sums, _heads_first(q_BxlxHxD), chunk), 1, 2)
 
 
-def _group_end(begin_ends, group_tokens):
-    end = 0
-    for _, e in begin_ends:
-        if e <= group_tokens:
-            end = e
-    return end
-
-
 def _grouped_prefix(fmap, q_feats, raw_k, v, begin_ends, group_end):
     """The first scales (``group_end`` tokens) as one masked quadratic product of the features.
 
@@ -198,7 +192,7 @@ def full_attention(fmap: FeatureMap, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, begin_ends
     outs = []
     if q.shape[2] <= chunk:
         feats_q, raw_k = fmap.query(q), fmap.key(k)
-        group_end = _group_end(begin_ends, group_tokens)
+        group_end = scales.leading_group_end(begin_ends, group_tokens)
         if group_end:
             out, sums = _grouped_prefix(fmap, feats_q[:, :, :group_end], raw_k[:, :, :group_end],
                                         v[:, :, :group_end], begin_ends, group_end)

@@ -285,7 +285,10 @@ def _make_table():
     table = (
         Backend("exact", (
             Option("query_block", None, _positive_int_or_none,
-                   "queries per lax.map block (None: by a logit-memory budget)"),),
+                   "queries per lax.map block (None: by a logit-memory budget)"),
+            Option("group_tokens", exact.DEFAULT_GROUP_TOKENS, _non_negative_int,
+                   "leading scales within this many tokens are one masked product, every "
+                   "later scale an unmasked one against its prefix")),
             _exact_full, _kv_init, _kv_step(_exact_prefix),
             doc="float32 masked reference, O(L^2)", kv_cache=True,
             step_rows=_kv_step_rows(_exact_prefix)),
