@@ -608,3 +608,34 @@ def test_bad_inputs_name_the_field_or_flag():
     assert out.returncode != 0 and "--coordinator_address" in out.stderr
     assert "no coordinator reachable" in out.stderr
     assert time.time() - t < 60
+
+
+def test_tokenizer_evaluation_and_token_cache_compile_with_xlas_own_convolutions(tmp_path):
+    """The tokenizer's evaluation and the VAR's token cache are convolutional programs: on a CPU
+    they compile without YNNPACK fusions (xla_options.jit), and give what the model computes."""
+    from var_jax import xla_options
+    from var_jax.models import var as var_lib
+    from var_jax.models.vqvae import VQVAE
+    from var_jax.train import tokenizer_recipe, var_recipe
+
+    config = tiny_test.get_config()
+    vqvae = VQVAE(config_lib.vqvae_config(config), rngs=nnx.Rngs(0))
+    size = config.data.image_size
+    images = jax.random.uniform(jax.random.key(1), (3, size, size, 3), minval=-1, maxval=1)
+    psnr, mse, hits, recon = tokenizer_recipe._eval_batch(vqvae, images)
+    expected = vqvae.decode_features(vqvae.features_to_indices(vqvae.encode_features(images))[1])
+    np.testing.assert_allclose(recon, expected, atol=1e-5)
+    assert psnr.shape == mse.shape == (3,) and hits.shape[0] == len(vqvae.patch_nums)
+    graphdef, state = nnx.split(vqvae)
+    options = xla_options.convolution_options_for(state)
+    if jax.default_backend() == "cpu":
+        assert options == xla_options.CPU_CONVOLUTIONS
+        program = tokenizer_recipe._eval_program(graphdef, options).lower(state, images)
+        assert "__ynn_fusion" not in program.compile().as_text()
+    tokens = var_recipe.build_token_cache(config, vqvae, str(tmp_path / "cache.npz"))
+    from var_jax import data as data_lib
+
+    train = data_lib.make_source(config.data, "train")
+    first = data_lib.normalize({"image": train.images[:4], "label": train.labels[:4]})["image"]
+    np.testing.assert_array_equal(
+        tokens[:4], var_lib.flatten_token_maps(vqvae.images_to_indices(jnp.asarray(first))))

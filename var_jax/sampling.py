@@ -464,7 +464,7 @@ def _compiled_decoder(vae_graphdef, compiler_options: tuple):
         vae = nnx.merge(vae_graphdef, vae_state)
         return (vae.decode_features(f_hat).astype(jnp.float32) + 1) * 0.5
 
-    return jax.jit(decode, compiler_options=dict(compiler_options) or None)
+    return xla_options.jit(decode, compiler_options)
 
 
 def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
@@ -474,17 +474,8 @@ def decode_images(vae_graphdef, vae_state, f_hat_BxnxnxC) -> jax.Array:
     outer ``jax.jit`` traces (the sampler inside a caller's jit), it becomes part of that
     program, whose options are the caller's (JAX accepts compiler options on the outermost
     jit only)."""
-    traced = any(isinstance(x, jax.core.Tracer)
-                 for x in jax.tree.leaves((vae_state, f_hat_BxnxnxC)))
-    options = () if traced else xla_options.convolution_options(
-        x.dtype for x in jax.tree.leaves(vae_state) if jnp.issubdtype(x.dtype, jnp.floating))
-    if options:
-        try:
-            return _compiled_decoder(vae_graphdef, options)(vae_state, f_hat_BxnxnxC)
-        except jax.errors.JaxRuntimeError as error:
-            if not xla_options.forget_unknown(options, error):
-                raise
-    return _compiled_decoder(vae_graphdef, ())(vae_state, f_hat_BxnxnxC)
+    options = xla_options.convolution_options_for(vae_state)
+    return _compiled_decoder(vae_graphdef, options)(vae_state, f_hat_BxnxnxC)
 
 
 def _choose_buckets(var_model, scale_buckets: bool):

@@ -6,13 +6,16 @@ small-row matmuls are as fast or faster with the library (docs/sampling_benchmar
 docs/train_benchmark.md): the released decoder at 256 px, float32, 1.83 against 2.41 s; the demo
 tokenizer's train step 0.86x the default's time (2-core Intel Xeon, both programs interleaved in
 one process). So the VQ-VAE's float32 programs that take the time, its training step and the
-sampler's decoder, compile without those fusions on a CPU; everything else keeps XLA's defaults.
+sampler's decoder, the tokenizer's evaluation and the VAR's token cache, compile without those
+fusions on a CPU; everything else keeps XLA's defaults.
 
 The option is experimental: where an XLA no longer knows it, the program is compiled with the
 defaults and the fallback is remembered for the rest of the process.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,37 @@ def convolution_options(floating_dtypes) -> tuple:
             and all(d == jnp.float32 for d in dtypes)):
         return CPU_CONVOLUTIONS
     return ()
+
+
+def convolution_options_for(tree) -> tuple:
+    """:func:`convolution_options` for the floating leaves of a pytree (a model's state)."""
+    return convolution_options(x.dtype for x in jax.tree.leaves(tree)
+                               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def jit(fn, options: tuple = ()):
+    """``jax.jit(fn)`` whose programs are compiled with ``options`` ((name, value) pairs), or
+    with XLA's defaults where XLA does not know them (remembered, see :func:`forget_unknown`)
+    and when the call is itself being traced by an outer jit (JAX takes compiler options from
+    the outermost jit only). ``.lower`` lowers the program the options apply to."""
+    plain = jax.jit(fn)
+    if not options:
+        return plain
+    tuned = jax.jit(fn, compiler_options=dict(options))
+
+    @functools.wraps(fn)
+    def call(*args):
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        if _known["convolutions"] and not traced:
+            try:
+                return tuned(*args)
+            except jax.errors.JaxRuntimeError as error:
+                if not forget_unknown(options, error):
+                    raise
+        return plain(*args)
+
+    call.lower = tuned.lower
+    return call
 
 
 def _unknown_option(error: Exception) -> bool:

@@ -10,6 +10,8 @@ current batch. Evaluation reports reconstruction PSNR and per-scale code usage o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,14 +141,26 @@ class TokenizerRecipe(loop.RecipeDefaults):
         return image_grid(np.concatenate([images[:n], recon[:n]]), rows=2, value_range=(-1, 1))
 
 
-@nnx.jit
+@functools.lru_cache(maxsize=8)
+def _eval_program(graphdef, options: tuple):
+    def run(state, images):
+        vqvae = nnx.merge(graphdef, state)
+        f = vqvae.encode_features(images)
+        indices, f_hat = vqvae.features_to_indices(f)
+        recon = vqvae.decode_features(f_hat)
+        mse01 = jnp.mean(jnp.square(recon - images), axis=(1, 2, 3)) / 4.0
+        hits = quantizer.index_hits(indices, vqvae.config.vocab_size, vqvae.config.patch_nums)
+        return psnr_from_mse(mse01), mse01, hits, recon
+
+    return xla_options.jit(run, options)
+
+
 def _eval_batch(vqvae: VQVAE, images):
-    f = vqvae.encode_features(images)
-    indices, f_hat = vqvae.features_to_indices(f)
-    recon = vqvae.decode_features(f_hat)
-    mse01 = jnp.mean(jnp.square(recon - images), axis=(1, 2, 3)) / 4.0
-    hits = quantizer.index_hits(indices, vqvae.config.vocab_size, vqvae.config.patch_nums)
-    return psnr_from_mse(mse01), mse01, hits, recon
+    """(PSNR, MSE per image, code hits per scale, reconstructions) of one batch, compiled once
+    per model and shape with the convolution options of :mod:`var_jax.xla_options` (a CPU,
+    float32 weights: XLA's own convolutions, about 1.7x faster here than YNNPACK's)."""
+    graphdef, state = nnx.split(vqvae)
+    return _eval_program(graphdef, xla_options.convolution_options_for(state))(state, images)
 
 
 def evaluate_tokenizer(vqvae: VQVAE, images: np.ndarray, batch_size: int) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax import data as data_lib
-from var_jax import scales
+from var_jax import scales, xla_options
 from var_jax.evaluate import figures
 from var_jax.models import var as var_lib
 from var_jax.models.vqvae import VQVAE
@@ -58,12 +58,20 @@ def build_token_cache(config, tokenizer: VQVAE, path: str, batch_size: int = 500
                     float(cached["fingerprint"]) == fingerprint and \
                     "patch_nums" in cached and np.array_equal(cached["patch_nums"], patch_nums):
                 return cached["tokens"]
-    encode = nnx.jit(lambda vq, x: var_lib.flatten_token_maps(vq.images_to_indices(x)))
+    graphdef, state = nnx.split(tokenizer)
+
+    def encode_batch(state, images):
+        vq = nnx.merge(graphdef, state)
+        return var_lib.flatten_token_maps(vq.images_to_indices(images))
+
+    # A convolutional program: on a CPU XLA's own convolutions encode the demo's training set
+    # 1.7x faster than YNNPACK's (:mod:`var_jax.xla_options`).
+    encode = xla_options.jit(encode_batch, xla_options.convolution_options_for(state))
     parts = []
     for i in range(0, len(source), batch_size):
         batch = data_lib.normalize({"image": source.images[i:i + batch_size],
                                     "label": source.labels[i:i + batch_size]})
-        parts.append(np.asarray(encode(tokenizer, jnp.asarray(batch["image"]))))
+        parts.append(np.asarray(encode(state, jnp.asarray(batch["image"]))))
     tokens = np.concatenate(parts).astype(np.int32)
     if jax.process_index() == 0:  # every process computed the same tokens; one file
         os.makedirs(os.path.dirname(path), exist_ok=True)
