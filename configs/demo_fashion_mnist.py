@@ -1,9 +1,9 @@
 """The CPU demo: tokenizer then VAR on Fashion-MNIST (28x28 padded to 32x32), sized for the
 whole `make demo` (set-up, both stages, classifier, sample evaluation, pictures) to take 25
-minutes on an idle 2-core CPU: 22-24 on a 2.6 GHz Xeon or an AMD EPYC of the Zen 4 family, over
-it on the slower ones (27 on a Zen 3 EPYC; 29 on a 2.3 GHz Xeon, measured before a61ae4e;
-docs/demo_results.md). The VAR stage trains on cached tokens (the training set encoded once by
-the frozen tokenizer), which frees the time for a wider, deeper transformer.
+minutes on an idle 2-core CPU: 22-24 on a 2.6 GHz Xeon or an AMD EPYC of the Zen 4 family, 24-26
+on a Zen 3 EPYC, 29 on a 2.3 GHz Xeon (measured before a61ae4e and 66d5c77, which saved about 3
+minutes on the Zen 3; docs/demo_results.md). The VAR stage trains on cached tokens (the training
+set encoded once by the frozen tokenizer), which frees the time for a wider, deeper transformer.
 
     python scripts/demo.py --workdir=runs/demo
     python scripts/train.py --config=configs/demo_fashion_mnist.py --workdir=runs/demo \
