@@ -82,3 +82,5 @@ def test_leading_group_end():
     ends = scales.token_layout((1, 2, 3, 4)).begin_ends  # scales end at 1, 5, 14, 30
     assert [scales.leading_group_end(ends, g) for g in (0, 1, 4, 5, 13, 14, 29, 30, 1000)] == [
         0, 1, 1, 5, 5, 14, 14, 30, 30]
+    assert [scales.leading_group_end(ends, g, include_first=True) for g in (0, 4, 14)] == [
+        1, 1, 14]

@@ -84,11 +84,12 @@ def token_layout(patch_nums) -> TokenLayout:
     return TokenLayout(sides, begin, begin_ends, level_ids)
 
 
-def leading_group_end(begin_ends, group_tokens: int) -> int:
+def leading_group_end(begin_ends, group_tokens: int, *, include_first: bool = False) -> int:
     """The end of the leading scales that lie within the first ``group_tokens`` tokens (0 when
-    not even the first does): the attention backends do those scales as one masked product and
-    every later scale as a product of its own."""
-    end = 0
+    not even the first does, or the first scale's end with ``include_first``): the attention
+    backends do those scales as one masked product and every later scale as a product of its
+    own."""
+    end = begin_ends[0][1] if include_first else 0
     for _, e in begin_ends:
         if e <= group_tokens:
             end = e

@@ -86,8 +86,7 @@ def exact_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, query_block=
     q, k, v = (jnp.swapaxes(x.astype(jnp.float32), 1, 2)
                for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
     levels = layout.level_ids
-    g_end = max(layout.begin_ends[0][1],
-                scales.leading_group_end(layout.begin_ends, group_tokens))
+    g_end = scales.leading_group_end(layout.begin_ends, group_tokens, include_first=True)
     outs = [_rows(q[:, :, :g_end], k[:, :, :g_end], v[:, :, :g_end], levels[:g_end],
                   levels[:g_end], query_block)]
     for begin, end in layout.begin_ends:

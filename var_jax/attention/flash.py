@@ -32,8 +32,7 @@ def flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, patch_nums, *, implementati
     if implementation == "default":
         implementation = default_implementation(q_BxLxHxD.dtype)
     q, k, v = q_BxLxHxD, k_BxLxHxD, v_BxLxHxD
-    g_end = max(layout.begin_ends[0][1],
-                scales.leading_group_end(layout.begin_ends, group_tokens))
+    g_end = scales.leading_group_end(layout.begin_ends, group_tokens, include_first=True)
     outs = []
     levels = jnp.asarray(layout.level_ids[:g_end])
     mask = (levels[None, :] <= levels[:, None])[None, None]
