@@ -249,6 +249,83 @@ def _params(trainer):
     return [np.asarray(x) for x in jax.tree.leaves(trainer.state["params"])]
 
 
+def test_coarse_prefixes_join_the_coarse_scales_means_in_the_loss():
+    """`var.coarse_batch_size`: the pipeline's batch is split into full sequences and coarse
+    prefixes, and the loss is the scale-weighted NLL with each coarse scale's mean taken over
+    both, against the same means computed from the full sequences' logits of every example."""
+    from var_jax import scales
+    from var_jax.models.vqvae import VQVAE
+    from var_jax.train import var_recipe
+    config = tiny_test.get_config()
+    config.var.coarse_batch_size, config.var.coarse_scales = 8, 2
+    config.var.model.cond_drop_rate = 0.0  # no randomness: the two computations must agree
+    config.var.scale_weight_power = 0.5
+    config_lib.validate(config, num_devices=1)
+    tokenizer = VQVAE(config_lib.vqvae_config(config), rngs=nnx.Rngs(0))
+    recipe = var_recipe.VARRecipe(config, tokenizer)
+    assert recipe.batch_size == 16
+    rng = np.random.RandomState(0)
+    batch = {"image": rng.uniform(-1, 1, (16, 8, 8, 3)).astype(np.float32),
+             "label": rng.randint(0, 10, 16).astype(np.int32)}
+    split = recipe.prepare_batch(batch)
+    np.testing.assert_array_equal(split["label"], batch["label"][:8])
+    np.testing.assert_array_equal(split["coarse"]["label"], batch["label"][8:])
+    model = recipe.create_model(jax.random.key(1))
+    loss, metrics = nnx.jit(lambda m, b: recipe.loss(m, recipe.frozen(), b,
+                                                     jax.random.key(2)))(model, split)
+
+    targets, x = jax.jit(lambda images: recipe.tokens(recipe.frozen(), images))(batch["image"])
+    logits = nnx.jit(lambda m: m(batch["label"], x))(model)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    means = []
+    for k, (b, e) in enumerate(scales.token_layout(recipe.patch_nums).begin_ends):
+        rows = 16 if k < 2 else 8  # the coarse scales over all 16 examples, the last over 8
+        means.append(jnp.mean(nll[:rows, b:e]))
+    expected = jnp.sum(recipe.scale_weights * jnp.stack(means))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["coarse_nll"], jnp.mean(nll[8:, :5]), rtol=1e-5)
+    np.testing.assert_allclose(metrics["nll"], jnp.mean(nll[:8]), rtol=1e-5)
+    # The official recipe (no coarse batch) is untouched, and bad sizes fail in validation.
+    config.var.coarse_scales = 3
+    with pytest.raises(ValueError, match=r"var.coarse_scales must be an int from 1 to 2"):
+        config_lib.validate(config)
+    config.var.coarse_scales, config.var.coarse_batch_size = 2, 6
+    with pytest.raises(ValueError, match=r"var.coarse_batch_size=6 must split into 1 "):
+        config_lib.validate(config, num_devices=4)
+
+
+class CountingToyRecipe(ToyRecipe):
+    """ToyRecipe that counts its evaluations and sample grids."""
+
+    def __init__(self, steps):
+        super().__init__(steps)
+        self.calls = {"evaluate": 0, "sample_grid": 0}
+
+    def evaluate(self, model, frozen):
+        self.calls["evaluate"] += 1
+        return {"score": 1.0}
+
+    def sample_grid(self, model, frozen, key):
+        self.calls["sample_grid"] += 1
+        return np.zeros((8, 8, 3), np.uint8)
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_evaluation_after_the_last_step_follows_evaluate_at_end(tmp_path, at_end):
+    """The demo evaluates its models on the test set itself, so its stages skip their own
+    evaluation and sample grid after the last step (train.evaluate_at_end=False)."""
+    config = _toy_config(every=3)
+    config.train.evaluate_at_end = at_end
+    recipe = CountingToyRecipe(3)
+    trainer = loop.Trainer(recipe, config, str(tmp_path))
+    summary = trainer.run()
+    trainer.close()
+    assert recipe.calls == {"evaluate": int(at_end), "sample_grid": int(at_end)}
+    assert summary["eval"] == ({"score": 1.0} if at_end else {})
+    assert len(summary["samples"]) == int(at_end)
+    assert summary["checkpoints"] == [3]  # the last step is saved either way
+
+
 def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
     straight = loop.Trainer(ToyRecipe(4), _toy_config(every=1), str(tmp_path / "a"))
     straight.run()

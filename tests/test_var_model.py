@@ -142,6 +142,26 @@ def test_teacher_forcing_equals_sampling_path(backend, options):
         np.testing.assert_allclose(logits_k, logits_tf[:, b:e], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,options", [("exact", {}), ("flash", {}), ("poly", {}),
+                                             ("favor", {"num_features": 32})])
+def test_a_coarse_prefix_gives_the_full_sequences_first_logits(backend, options):
+    """Teacher forcing on the inputs of the leading scales only (the training recipe's coarse
+    prefixes) gives the logits of those scales in the full sequence, with dropout keys too;
+    a sequence that ends inside a scale is refused, naming the lengths that would do."""
+    cfg = dataclasses.replace(SMALL, attn_backend=backend, attn_options=options,
+                              cond_drop_rate=0.5)
+    model = _perturbed(cfg)
+    labels, x = _inputs(cfg, batch=4)
+    key = jax.random.key(3)
+    full = np.asarray(_train_forward(model, labels, x, key))
+    for _, end in scales.token_layout(cfg.patch_nums).begin_ends[:-1]:
+        prefix = np.asarray(_train_forward(model, labels, x[:, :end - 1], key))
+        assert prefix.shape == (4, end, cfg.vocab_size)
+        np.testing.assert_allclose(prefix, full[:, :end], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"leading scales.*one of \[1, 5, 14\] tokens, found 7"):
+        model(labels, x[:, :6])
+
+
 def test_exact_and_flash_agree():
     labels, x = _inputs(SMALL)
     exact = _forward(_perturbed(SMALL), labels, x)

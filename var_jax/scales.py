@@ -8,6 +8,7 @@ block-causal: a token sees every token of its own scale and of all coarser scale
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -82,6 +83,22 @@ def token_layout(patch_nums) -> TokenLayout:
         begin += p * p
     level_ids = np.concatenate([np.full(p * p, k, np.int32) for k, p in enumerate(sides)])
     return TokenLayout(sides, begin, begin_ends, level_ids)
+
+
+def leading_scales(patch_nums, num_tokens: int) -> tuple[int, ...]:
+    """The leading scales of ``patch_nums`` whose tokens are exactly the first ``num_tokens``:
+    under the block-causal mask such a prefix is a complete sequence of its own (what the coarse
+    scales of a VAR see does not depend on the finer ones). Raises when ``num_tokens`` ends
+    inside a scale."""
+    sides = validate_schedule(patch_nums)
+    total = 0
+    for k, p in enumerate(sides):
+        total += p * p
+        if total == num_tokens:
+            return sides[:k + 1]
+    ends = list(itertools.accumulate(p * p for p in sides))
+    raise ValueError(f"expected a sequence of the leading scales of {sides}, i.e. one of "
+                     f"{ends} tokens, found {num_tokens}")
 
 
 def leading_group_end(begin_ends, group_tokens: int, *, include_first: bool = False) -> int:

@@ -338,8 +338,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x_BxLxC, rng):
         backend, options = self.config.attention
         q, k, v = self.qkv(x_BxLxC)
-        o = attention.block_causal_attention(q, k, v, self.config.patch_nums, backend=backend,
-                                             rng=rng, **options)
+        # The whole schedule, or its leading scales for a shorter sequence (a coarse prefix).
+        patch_nums = scales.leading_scales(self.config.patch_nums, x_BxLxC.shape[1])
+        o = attention.block_causal_attention(q, k, v, patch_nums, backend=backend, rng=rng,
+                                             **options)
         return self._out(o)
 
     def decode(self, x_BxlxC, state, scale, kernels: LayerKernels | None = None):
@@ -720,15 +722,26 @@ class VAR(nnx.Module):
     def __call__(self, labels_B, x_BxLm1xCvae, *, deterministic: bool = True, rngs=None):
         """Teacher-forced logits (B, L, V) float32.
 
-        ``x_BxLm1xCvae``: the VQ-VAE's teacher-forcing inputs (scales 1..K-1). When
-        ``deterministic`` is False, ``rngs`` (a ``jax.random.key`` or an ``nnx.Rngs`` with a
-        'dropout' stream) drives label dropout (rate ``cond_drop_rate``) and drop-path.
+        ``x_BxLm1xCvae``: the VQ-VAE's teacher-forcing inputs (scales 1..K-1), or only their
+        first rows, up to the end of scale k - 1: then the logits are those of the first k
+        scales (a coarse prefix, which the block-causal mask makes a sequence of its own; the
+        same values as the full sequence's first rows). When ``deterministic`` is False,
+        ``rngs`` (a ``jax.random.key`` or an ``nnx.Rngs`` with a 'dropout' stream) drives label
+        dropout (rate ``cond_drop_rate``) and drop-path.
         """
         cfg = self.config
         labels_B = jnp.asarray(labels_B, jnp.int32)
-        if x_BxLm1xCvae.ndim != 3 or x_BxLm1xCvae.shape[1:] != (cfg.seq_len - 1, cfg.cvae):
+        if x_BxLm1xCvae.ndim != 3 or x_BxLm1xCvae.shape[2] != cfg.cvae:
             raise ValueError(f"x_BxLm1xCvae must have shape (B, {cfg.seq_len - 1}, {cfg.cvae}), "
                              f"got {x_BxLm1xCvae.shape}")
+        seq_len = x_BxLm1xCvae.shape[1] + 1
+        if seq_len != cfg.seq_len:
+            try:
+                scales.leading_scales(cfg.patch_nums, seq_len)
+            except ValueError as err:
+                raise ValueError(f"x_BxLm1xCvae must have shape (B, {cfg.seq_len - 1}, "
+                                 f"{cfg.cvae}) or hold the inputs of leading scales only, got "
+                                 f"{x_BxLm1xCvae.shape}: {err}") from None
         if labels_B.shape != (x_BxLm1xCvae.shape[0],):
             raise ValueError(f"labels_B must have shape ({x_BxLm1xCvae.shape[0]},), got "
                              f"{labels_B.shape}")
@@ -744,7 +757,7 @@ class VAR(nnx.Module):
         cond = self.condition(labels_B)
         first = cond[:, None] + self.pos_start[...].astype(cond.dtype)
         x = jnp.concatenate([first, self.word_embed(x_BxLm1xCvae).astype(first.dtype)], axis=1)
-        x = x + self._level_pos(0, cfg.seq_len)
+        x = x + self._level_pos(0, seq_len)
         x = self._apply_blocks(x, self.block_condition(cond), self.layer_inputs(drop_key))
         return self.logits(x, cond)
 

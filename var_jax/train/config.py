@@ -64,8 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Device mesh ("data" x "fsdp"; one size may be -1 = every remaining device). Arrays with
     # fewer than fsdp_min_size elements stay replicated: splitting them costs more than it saves.
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
+    # eval_every / sample_every: steps between evaluations / sample grids (0: none on the way);
+    # both also run after the last step unless evaluate_at_end is False.
     c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=0,
-                   sample_every=0)
+                   sample_every=0, evaluate_at_end=True)
     # model: every field of var_jax.models.vqvae.VQVAEConfig (config files .update() it).
     c.tokenizer = dict(
         model=model_group(VQVAEConfig), steps=1000, batch_size=32, lr=2e-3, warmup_steps=50,
@@ -73,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
         vq_weight=1.0, dead_code_every=100, dead_code_threshold=0.03, usage_decay=0.99,
         eval_examples=2000)
     # model: every field of var_jax.models.var.VARConfig (cond_drop_rate is the label dropout).
+    # coarse_batch_size > 0: every step also trains the first coarse_scales scales on that many
+    # more examples (their tokens only; VARRecipe); 0 is the official recipe.
     # optimizer: "adamw" (the official recipe: base_lr * batch / 256, weight decay twd -> twde)
     # or "muon" (the blocks' matrices by Muon at peak muon_lr, the rest by Adam at the base_lr
     # rate, the same 'lin0' schedule for both, no weight decay; train.optim.make_muon_optimizer).
@@ -80,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
         model=model_group(VARConfig), steps=1000, batch_size=32, base_lr=1e-4, warmup_steps=50,
         wp0=0.005, wpe=0.01, twd=0.05, twde=0.05, b1=0.9, b2=0.95, clip=2.0, bf16=False,
         optimizer="adamw", muon_lr=0.02,
-        tokenizer_workdir="", eval_examples=2000, cache_tokens=False, scale_weight_power=0.0)
+        tokenizer_workdir="", eval_examples=2000, cache_tokens=False, scale_weight_power=0.0,
+        coarse_batch_size=0, coarse_scales=4)
     c.sample = dict(cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, guidance_power=1.0,
                     per_class=8, eval_per_class=100, cfg_sweep=(0.0, 1.5, 3.0))
     c.classifier = dict(steps=1500, batch_size=128, lr=2e-3)
@@ -191,7 +196,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
             raise ValueError(f"config: mesh.data x mesh.fsdp must equal the {num_devices} "
                              f"devices, found mesh.data={mesh.data} mesh.fsdp={mesh.fsdp}")
         local = num_devices // num_processes
-        for name in ("tokenizer.batch_size", "var.batch_size"):
+        for name in ("tokenizer.batch_size", "var.batch_size", "var.coarse_batch_size"):
             group, field = name.split(".")
             batch = config[group][field]
             if batch % num_processes or (batch // num_processes) % local:
@@ -208,6 +213,14 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
         if getattr(var, field) != want:
             raise ValueError(f"config: var.model.{field}={getattr(var, field)} must match the "
                              f"tokenizer ({want})")
+    checks.non_negative_int("config: var.coarse_batch_size", config.var.coarse_batch_size)
+    if config.var.coarse_batch_size and not (
+            isinstance(config.var.coarse_scales, int)
+            and 1 <= config.var.coarse_scales < len(var.patch_nums)):
+        raise ValueError(f"config: var.coarse_scales must be an int from 1 to "
+                         f"{len(var.patch_nums) - 1} (scales before the last of "
+                         f"var.model.patch_nums={var.patch_nums}), found "
+                         f"{config.var.coarse_scales!r}")
     if config.var.cache_tokens and config.data.source == "image_folder":
         raise ValueError("config: var.cache_tokens needs a source without random augmentation "
                          "(fashion_mnist or digits), found data.source='image_folder'")

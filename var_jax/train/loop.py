@@ -316,10 +316,11 @@ class Trainer:
                 break
             if self.checkpointer.should_save(s) or s == total:
                 self._save(s, progress)
-            if tcfg.eval_every > 0 and (s % tcfg.eval_every == 0) or s == total:
+            at_end = s == total and tcfg.evaluate_at_end
+            if tcfg.eval_every > 0 and (s % tcfg.eval_every == 0) or at_end:
                 self._consume(self.late.flush(), progress)
                 self.evaluate(s)
-            if tcfg.sample_every > 0 and (s % tcfg.sample_every == 0) or s == total:
+            if tcfg.sample_every > 0 and (s % tcfg.sample_every == 0) or at_end:
                 self._consume(self.late.flush(), progress)
                 self.write_samples(s)
             if not data_report_done:

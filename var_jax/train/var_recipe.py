@@ -113,11 +113,13 @@ class VARRecipe(loop.RecipeDefaults):
         self.cfg = config.var
         self.model_config = config_lib.var_config(config)
         self.steps = self.cfg.steps
-        self.batch_size = self.cfg.batch_size
+        # The data pipeline's batch: the full sequences' examples, then the coarse prefixes'.
+        self.batch_size = self.cfg.batch_size + self.cfg.coarse_batch_size
         self.tokenizer = tokenizer
         self.vq_graphdef, self.vq_state = nnx.split(tokenizer)
         self.patch_nums = self.model_config.patch_nums
         self.scale_weights = scale_loss_weights(self.patch_nums, self.cfg.scale_weight_power)
+        self.coarse_patch_nums = tuple(self.patch_nums[:self.cfg.coarse_scales])
         self._eval = None
 
     def create_model(self, key) -> var_lib.VAR:
@@ -154,15 +156,49 @@ class VARRecipe(loop.RecipeDefaults):
         x = vq.teacher_forcing_inputs(indices)
         return jax.lax.stop_gradient(targets), jax.lax.stop_gradient(x)
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """With ``coarse_batch_size``: the pipeline's batch split into the full sequences'
+        examples and, under "coarse", the coarse prefixes' (each part then splits over the
+        devices on its own)."""
+        if not self.cfg.coarse_batch_size:
+            return batch
+        n = self.cfg.batch_size // jax.process_count()  # this process's full sequences
+        full = {k: v[:n] for k, v in batch.items()}
+        return {**full, "coarse": {k: v[n:] for k, v in batch.items()}}
+
     def loss(self, model: var_lib.VAR, frozen, batch, key):
+        coarse = batch.get("coarse")
+        if coarse is not None:
+            key, coarse_key = jax.random.split(key)
         targets, x = self.tokens(frozen, batch["image"], batch.get("index"))
         logits = model(batch["label"], x, deterministic=False, rngs=key)
         m = token_metrics(logits, targets, self.patch_nums)
-        loss = jnp.sum(self.scale_weights * m["nll_per_scale"])
+        nll_per_scale = m["nll_per_scale"]
         metrics = {"nll": m["nll"], "acc": m["acc"], "loss_last": m["nll_per_scale"][-1],
                    "acc_last": m["acc_per_scale"][-1],
                    "loss_per_scale": m["nll_per_scale"], "acc_per_scale": m["acc_per_scale"]}
-        return loss, metrics
+        if coarse is not None:
+            nll_per_scale, metrics["coarse_nll"] = self._with_coarse_prefixes(
+                model, frozen, coarse, coarse_key, nll_per_scale)
+        return jnp.sum(self.scale_weights * nll_per_scale), metrics
+
+    def _with_coarse_prefixes(self, model, frozen, coarse, key, nll_per_scale):
+        """The scales' mean NLLs with the coarse scales' means taken over the full sequences
+        and the coarse prefixes together, and the prefixes' own mean token NLL.
+
+        The variety a class's samples lack is lost where the coarse maps are drawn
+        (docs/demo_results.md), and those maps are a few tokens of each image: a prefix of the
+        first ``coarse_scales`` scales costs a fraction of a full sequence (a sequence of its
+        own under the block-causal mask), so they are trained on more examples a step than the
+        fine ones. The scales' weights in the loss stay as they are."""
+        targets, x = self.tokens(frozen, coarse["image"], coarse.get("index"))
+        num = len(self.coarse_patch_nums)
+        length = sum(p * p for p in self.coarse_patch_nums)
+        logits = model(coarse["label"], x[:, :length - 1], deterministic=False, rngs=key)
+        m = token_metrics(logits, targets[:, :length], self.coarse_patch_nums)
+        full, extra = self.cfg.batch_size, self.cfg.coarse_batch_size
+        mixed = (full * nll_per_scale[:num] + extra * m["nll_per_scale"]) / (full + extra)
+        return jnp.concatenate([mixed, nll_per_scale[num:]]), m["nll"]
 
     # -- evaluation (host side) -----------------------------------------------------------------
     def _eval_data(self):
