@@ -150,6 +150,29 @@ def test_muon_on_a_sharded_mesh_matches_one_device(runs):
     assert np.abs(fc1(single) - fc1(adamw)).max() > 10 * 1e-4 * 8 / 256 * STEPS
 
 
+def test_coarse_prefixes_on_a_sharded_mesh_match_one_device(runs):
+    """`var.coarse_batch_size` through train.py: the full sequences and the coarse prefixes
+    each split over the data axis (mesh 4 x 2) give the single-device run's state, and the
+    prefixes really train (the state differs from the reference run without them)."""
+    base, tok = runs["base"], runs["tok"]
+    coarse = ("--config.var.coarse_batch_size=8", "--config.var.coarse_scales=2")
+    one = train_script.run(["train.py", *_args(tok, str(base / "coarse1"), *coarse)])
+    out = subprocess.run([sys.executable, TRAIN, *_args(tok, str(base / "coarse8"), *coarse,
+                                                        "--config.mesh.data=4",
+                                                        "--config.mesh.fsdp=2")],
+                         env=_env(8), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = _summary(out.stdout)
+    assert summary["mesh"] == {"data": 4, "fsdp": 2} and summary["step"] == STEPS
+    assert summary["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
+    assert summary["train"]["coarse_nll"] == pytest.approx(one["train"]["coarse_nll"], rel=1e-5)
+    sharded = _state(runs, str(base / "coarse8"))
+    _assert_states(sharded, _state(runs, str(base / "coarse1")), exact=False)
+    reference = _state(runs, str(base / "ref"))
+    assert any(not np.allclose(x, y) for (_, x), (_, y) in zip(sharded[1], reference[1],
+                                                                strict=True))
+
+
 def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(runs):
     base, tok = runs["base"], runs["tok"]
     # Two processes x 4 devices, coordinated on 127.0.0.1, mesh (4, 2).
