@@ -1,9 +1,10 @@
 """The CPU demo: tokenizer then VAR on Fashion-MNIST (28x28 padded to 32x32), sized for the
 whole `make demo` (set-up, both stages, classifier, sample evaluation, pictures) to take 25
-minutes on an idle 2-core CPU: 22-24 on a 2.6 GHz Xeon or an AMD EPYC of the Zen 4 family, 24-26
-on a Zen 3 EPYC, 29 on a 2.3 GHz Xeon (measured before a61ae4e and 66d5c77, which saved about 3
-minutes on the Zen 3; docs/demo_results.md). The VAR stage trains on cached tokens (the training
-set encoded once by the frozen tokenizer), which frees the time for a wider, deeper transformer.
+minutes on an idle 2-core CPU: 23-25.5 on a Zen 3 EPYC (23.3 in the latest run), 22-24 on a
+2.6 GHz Xeon or an AMD EPYC of the Zen 4 family and 29 on a 2.3 GHz Xeon before the speed-ups
+of 2026-12-07 (about 3.5 minutes on the Zen 3; docs/demo_results.md). The VAR stage trains on
+cached tokens (the training set encoded once by the frozen tokenizer), which frees the time for
+a wider, deeper transformer.
 
     python scripts/demo.py --workdir=runs/demo
     python scripts/train.py --config=configs/demo_fashion_mnist.py --workdir=runs/demo \
@@ -59,9 +60,11 @@ def get_config(arg: str | None = None):
     # Every step also trains the 1x1 ... 4x4 maps (30 of 130 tokens) of 64 more images: the
     # samples' missing variety is made where those maps are drawn, and a prefix costs a fraction
     # of a full sequence. At equal time (1600 such steps against 2200 plain ones, one tokenizer
-    # and token cache, four sampling keys outside the scoring ones; docs/demo_results.md,
-    # 2026-12-07): Frechet distance 9.87 against 10.95 at the default guidance and 11.32 against
-    # 12.90 at cfg 0, within-class spread 0.71 against 0.68, accuracy 95.7 against 96.0%.
+    # and token cache, two VAR seeds, four sampling keys outside the scoring ones;
+    # docs/demo_results.md, 2026-12-07): Frechet distance 10.59 / 9.98 against 10.95 / 11.03 at
+    # the default guidance, 11.48 / 11.09 against 12.90 / 11.77 at cfg 0, accuracy the same at
+    # the default guidance and 1-2 points higher at cfg 0; test token NLL 0.02 worse (the 8x8
+    # scale pays).
     c.var.coarse_batch_size = 64
     c.var.coarse_scales = 4
     c.var.steps = 1600

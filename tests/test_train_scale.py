@@ -121,19 +121,26 @@ def test_meshes_of_eight_devices_match_one_device(runs):
         _assert_states(_state(runs, str(base / f"mesh{d}x{f}")), ref_state, exact=False)
 
 
-def test_muon_on_a_sharded_mesh_matches_one_device(runs):
-    """`var.optimizer=muon` through train.py: its Newton-Schulz steps on FSDP-split matrices
-    (mesh 4 x 2) give the single-device run's state, and the split really happens."""
+def _one_device_and_mesh_4x2(runs, name: str, *extra: str) -> tuple[dict, dict]:
+    """train.py with `extra` flags on one device (workdir <name>1, in this process) and on a
+    4 x 2 mesh of 8 fake devices (<name>8, a subprocess): the two summaries."""
     base, tok = runs["base"], runs["tok"]
-    muon = "--config.var.optimizer=muon"
-    one = train_script.run(["train.py", *_args(tok, str(base / "muon1"), muon)])
-    out = subprocess.run([sys.executable, TRAIN, *_args(tok, str(base / "muon8"), muon,
+    one = train_script.run(["train.py", *_args(tok, str(base / f"{name}1"), *extra)])
+    out = subprocess.run([sys.executable, TRAIN, *_args(tok, str(base / f"{name}8"), *extra,
                                                         "--config.mesh.data=4",
                                                         "--config.mesh.fsdp=2")],
                          env=_env(8), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = _summary(out.stdout)
     assert summary["mesh"] == {"data": 4, "fsdp": 2} and summary["step"] == STEPS
+    return one, summary
+
+
+def test_muon_on_a_sharded_mesh_matches_one_device(runs):
+    """`var.optimizer=muon` through train.py: its Newton-Schulz steps on FSDP-split matrices
+    (mesh 4 x 2) give the single-device run's state, and the split really happens."""
+    base = runs["base"]
+    one, summary = _one_device_and_mesh_4x2(runs, "muon", "--config.var.optimizer=muon")
     assert summary["param_bytes"]["largest_per_device"] <= \
         summary["param_bytes"]["total"] / 2 * 1.2 + 4096
     assert summary["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
@@ -154,16 +161,9 @@ def test_coarse_prefixes_on_a_sharded_mesh_match_one_device(runs):
     """`var.coarse_batch_size` through train.py: the full sequences and the coarse prefixes
     each split over the data axis (mesh 4 x 2) give the single-device run's state, and the
     prefixes really train (the state differs from the reference run without them)."""
-    base, tok = runs["base"], runs["tok"]
-    coarse = ("--config.var.coarse_batch_size=8", "--config.var.coarse_scales=2")
-    one = train_script.run(["train.py", *_args(tok, str(base / "coarse1"), *coarse)])
-    out = subprocess.run([sys.executable, TRAIN, *_args(tok, str(base / "coarse8"), *coarse,
-                                                        "--config.mesh.data=4",
-                                                        "--config.mesh.fsdp=2")],
-                         env=_env(8), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    summary = _summary(out.stdout)
-    assert summary["mesh"] == {"data": 4, "fsdp": 2} and summary["step"] == STEPS
+    base = runs["base"]
+    one, summary = _one_device_and_mesh_4x2(runs, "coarse", "--config.var.coarse_batch_size=8",
+                                            "--config.var.coarse_scales=2")
     assert summary["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
     assert summary["train"]["coarse_nll"] == pytest.approx(one["train"]["coarse_nll"], rel=1e-5)
     sharded = _state(runs, str(base / "coarse8"))
