@@ -8,7 +8,6 @@ block-causal: a token sees every token of its own scale and of all coarser scale
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import numpy as np
@@ -90,15 +89,12 @@ def leading_scales(patch_nums, num_tokens: int) -> tuple[int, ...]:
     under the block-causal mask such a prefix is a complete sequence of its own (what the coarse
     scales of a VAR see does not depend on the finer ones). Raises when ``num_tokens`` ends
     inside a scale."""
-    sides = validate_schedule(patch_nums)
-    total = 0
-    for k, p in enumerate(sides):
-        total += p * p
-        if total == num_tokens:
-            return sides[:k + 1]
-    ends = list(itertools.accumulate(p * p for p in sides))
-    raise ValueError(f"expected a sequence of the leading scales of {sides}, i.e. one of "
-                     f"{ends} tokens, found {num_tokens}")
+    layout = token_layout(patch_nums)
+    ends = [end for _, end in layout.begin_ends]
+    if num_tokens in ends:
+        return layout.patch_nums[:ends.index(num_tokens) + 1]
+    raise ValueError(f"expected a sequence of the leading scales of {layout.patch_nums}, i.e. "
+                     f"one of {ends} tokens, found {num_tokens}")
 
 
 def leading_group_end(begin_ends, group_tokens: int, *, include_first: bool = False) -> int:

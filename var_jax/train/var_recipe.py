@@ -193,7 +193,7 @@ class VARRecipe(loop.RecipeDefaults):
         fine ones. The scales' weights in the loss stay as they are."""
         targets, x = self.tokens(frozen, coarse["image"], coarse.get("index"))
         num = len(self.coarse_patch_nums)
-        length = sum(p * p for p in self.coarse_patch_nums)
+        length = scales.token_layout(self.coarse_patch_nums).seq_len
         logits = model(coarse["label"], x[:, :length - 1], deterministic=False, rngs=key)
         m = token_metrics(logits, targets[:, :length], self.coarse_patch_nums)
         full, extra = self.cfg.batch_size, self.cfg.coarse_batch_size
