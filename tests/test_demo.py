@@ -8,6 +8,7 @@ import _repo
 import numpy as np
 from PIL import Image
 
+from var_jax import data
 from var_jax.evaluate import figures
 from var_jax.train import demo
 
@@ -32,9 +33,18 @@ def test_tiny_demo_writes_report_table_and_pictures(tmp_path):
     assert set(saved["samples"]["by_cfg"]) == {"0.0", "1.5"}
     assert 0 <= saved["samples"]["by_cfg"]["1.5"]["class_accuracy"] <= 1
     assert all(entry["class_spread"] > 0 for entry in saved["samples"]["by_cfg"].values())
+    # Two rulers: the whole test split less held-out real images (the floor), and the first
+    # test images the bar was set on.
+    for entry in saved["samples"]["by_cfg"].values():
+        assert entry["frechet_classifier"] > 0 and entry["frechet_first_test_images"] > 0
+    assert saved["samples"]["frechet_real_vs_real"] > 0
+    assert saved["samples"]["frechet_real_vs_real_first_test_images"] > 0
+    split = len(data.make_source(config.data, "test").labels)
+    assert saved["samples"]["reference_images"] == split - 10 * config.sample.eval_per_class
     table = demo.summary_table(report)
     assert "tokenizer_psnr" in table and "class_accuracy_cfg0" in table
-    assert "class spread" in table
+    assert "class spread" in table and "whole-split ruler" in table
+    assert "frechet_default_cfg_first_test_images" in table
     assert len(table.splitlines()) < 30  # a table, not the JSON dump
 
     # Tiles of 8x8 images with 2-pixel gaps: 10 classes; 3 scales; 2 cfgs x 2 seeds; 10 + 10.

@@ -90,3 +90,41 @@ def test_classifier_learns_digits_and_scores_samples():
                         test.labels[half]) < 1.4
     with pytest.raises(ValueError, match="image_size"):
         classifier.Classifier(10, 10, rngs=__import__("flax").nnx.Rngs(0))
+
+
+def test_matched_real_indices_give_the_samples_label_mix_in_order():
+    real_labels = np.array([1, 0, 2, 1, 0, 1, 2, 0])
+    labels = np.array([2, 0, 1, 0, 1, 1])
+    idx = sample_metrics.matched_real_indices(real_labels, labels)
+    np.testing.assert_array_equal(real_labels[idx], labels)
+    np.testing.assert_array_equal(idx, [2, 1, 0, 4, 3, 5])  # each class's images in order
+    with pytest.raises(ValueError, match="class 2: the samples have 3 images of it, the real "
+                                         "set only 2"):
+        sample_metrics.matched_real_indices(real_labels, np.array([2, 2, 2]))
+
+
+def test_frechet_reference_holds_out_real_images_with_the_samples_label_mix():
+    from flax import nnx
+
+    config = ml_collections.ConfigDict(dict(source="digits", root="", image_size=8))
+    test = data.make_source(config, "test")
+    images = data.normalize({"image": test.images, "label": test.labels})["image"]
+    model = classifier.Classifier(8, 10, rngs=nnx.Rngs(0))  # untrained: any features do
+    labels = np.repeat(np.arange(10), 3)
+    ref = sample_metrics.frechet_reference(model, images, test.labels, labels)
+    held = sample_metrics.matched_real_indices(test.labels, labels)
+    rest = np.setdiff1d(np.arange(len(test.labels)), held)
+    feats = classifier.features(model, images)
+    np.testing.assert_allclose(ref.held_out_features_KxM, feats[held], rtol=1e-6)
+    np.testing.assert_allclose(ref.features_NxM, feats[rest], rtol=1e-6)
+    np.testing.assert_array_equal(ref.labels_N, test.labels[rest])
+    assert ref.real_floor() == pytest.approx(frechet.frechet_distance(feats[rest], feats[held]))
+    # Samples that are the held-out images themselves score the floor; noise scores far more.
+    sample_feats = sample_metrics.sample_features(model, images[held] * 0.5 + 0.5)
+    assert ref.distance(sample_feats) == pytest.approx(ref.real_floor(), rel=1e-4)
+    noise = np.random.default_rng(0).uniform(0, 1, images[held].shape).astype(np.float32)
+    assert ref.distance(sample_metrics.sample_features(model, noise)) > 2 * ref.real_floor()
+    assert ref.spread_ratio(sample_feats, labels) > 0
+    with pytest.raises(ValueError, match="too few for a reference"):
+        sample_metrics.frechet_reference(model, images[:40], test.labels[:40],
+                                         test.labels[:30])

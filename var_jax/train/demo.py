@@ -26,7 +26,10 @@ from var_jax.train.metrics import echo
 
 # What the demo is measured against: the figures a new user should see.
 BARS = {"tokenizer_psnr": (">=", 24.5), "class_accuracy_default_cfg": (">=", 0.95),
-        "class_accuracy_cfg0": (">=", 0.85), "frechet_default_cfg": ("<=", 10.0),
+        "class_accuracy_cfg0": (">=", 0.85),
+        # The bar was set on the ruler of the first runs (samples against the first test
+        # images); the report's main distance is against the whole test split (see run_demo).
+        "frechet_default_cfg_first_test_images": ("<=", 10.0),
         "total_minutes": ("<=", 25.0)}
 
 # (name, estimated seconds on an idle 2-core machine with the default config, from per-step
@@ -196,13 +199,20 @@ def run_demo(config, workdir: str) -> dict:
     num_classes = recipe.model_config.num_classes
     key = jax.random.key(config.seed + 123)
     labels = np.repeat(np.arange(num_classes), s.eval_per_class)
-    real = test_images[:len(labels)]
+    # The samples are measured against the whole test split's statistics, less held-out real
+    # images with the samples' label mix (whose own distance is the floor for this many
+    # samples); `frechet_first_test_images` keeps the ruler the issue's bar was set on, the
+    # first len(labels) test images, whose class mix and sampling noise add about 1.5-4.5 to
+    # every distance (sample_metrics.frechet_reference).
+    reference = sample_metrics.frechet_reference(
+        classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
+    first = test_images[:len(labels)]
+    first_features = sample_metrics.real_features(classifier, first)
     sweep = sorted(set(float(x) for x in s.cfg_sweep) | {float(s.cfg)})
     report["samples"] = {"per_class": s.eval_per_class, "top_k": s.top_k, "top_p": s.top_p,
                          "guidance_power": s.guidance_power, "default_cfg": s.cfg,
-                         "by_cfg": {}}
+                         "reference_images": len(reference.labels_N), "by_cfg": {}}
     sweep_images = {}
-    real_features = sample_metrics.real_features(classifier, real)  # once for every cfg
     for cfg in sweep:
         # The same key at every cfg: the sweep compares guidance scales on the same seeds.
         images = var_recipe.generate(model, vqvae, labels, jax.random.fold_in(key, 2), cfg=cfg,
@@ -211,18 +221,20 @@ def run_demo(config, workdir: str) -> dict:
         features = sample_metrics.sample_features(classifier, images)
         entry = {"class_accuracy": sample_metrics.conditional_accuracy(classifier, images,
                                                                        labels),
-                 "frechet_classifier": frechet.frechet_distance(real_features, features),
+                 "frechet_classifier": reference.distance(features),
+                 "frechet_first_test_images": frechet.frechet_distance(first_features, features),
                  # Within-class variety against the real images' (1 = as varied): which way
                  # the distance goes, as guidance trades variety for class fidelity.
-                 "class_spread": sample_metrics.spread_ratio_of_features(
-                     real_features, test_labels[:len(labels)], features, labels)}
+                 "class_spread": reference.spread_ratio(features, labels)}
         report["samples"]["by_cfg"][str(cfg)] = entry
         _log(f"cfg {cfg:g}: sample class accuracy {entry['class_accuracy']:.4f}, Frechet "
-             f"distance (classifier features) {entry['frechet_classifier']:.3f}, within-class "
-             f"spread {entry['class_spread']:.2f} of the real images'")
-    real_fd = sample_metrics.classifier_frechet(
-        classifier, test_images[len(labels):2 * len(labels)], real * 0.5 + 0.5)
-    report["samples"]["frechet_real_vs_real"] = real_fd
+             f"distance (classifier features) {entry['frechet_classifier']:.3f} "
+             f"({entry['frechet_first_test_images']:.3f} against the first test images), "
+             f"within-class spread {entry['class_spread']:.2f} of the real images'")
+    report["samples"]["frechet_real_vs_real"] = reference.real_floor()
+    report["samples"]["frechet_real_vs_real_first_test_images"] = (
+        sample_metrics.classifier_frechet(classifier, test_images[len(labels):2 * len(labels)],
+                                          first * 0.5 + 0.5))
     pictures = write_pictures(config, workdir, model, vqvae, test_images, sweep_images, key)
     clock.end()
 
@@ -258,7 +270,7 @@ def headline(report: dict) -> dict:
     out = {"tokenizer_psnr": report["tokenizer"]["psnr"],
            "class_accuracy_default_cfg": default["class_accuracy"],
            "class_accuracy_cfg0": by_cfg.get("0.0", {}).get("class_accuracy", float("nan")),
-           "frechet_default_cfg": default["frechet_classifier"],
+           "frechet_default_cfg_first_test_images": default["frechet_first_test_images"],
            "total_minutes": report["times"]["total_s"] / 60}
     return out
 
@@ -272,12 +284,18 @@ def summary_table(report: dict) -> str:
         ok = value >= bar if op == ">=" else value <= bar
         rows.append((name, fmt.get(name, "{:.3f}").format(value), f"{op} {bar:g}",
                      "ok" if ok else "missed"))
-    rows.append(("frechet_real_vs_real", f"{report['samples']['frechet_real_vs_real']:.3f}",
-                 "(reference)", ""))
+    samples = report["samples"]
+    default = samples["by_cfg"][str(float(samples["default_cfg"]))]
+    rows.append(("frechet_real_vs_real_first_test_images",
+                 f"{samples['frechet_real_vs_real_first_test_images']:.3f}", "(reference)", ""))
+    rows.append(("frechet_default_cfg / real vs real, test split",
+                 f"{default['frechet_classifier']:.3f} / {samples['frechet_real_vs_real']:.3f}",
+                 "(whole-split ruler)", ""))
     for cfg, entry in report["samples"]["by_cfg"].items():
-        rows.append((f"cfg {float(cfg):g}: accuracy / Frechet / class spread",
-                     f"{entry['class_accuracy']:.3f} / {entry['frechet_classifier']:.2f} / "
-                     f"{entry['class_spread']:.2f}", "", ""))
+        rows.append((f"cfg {float(cfg):g}: accuracy / Frechet (split, first) / class spread",
+                     f"{entry['class_accuracy']:.3f} / {entry['frechet_classifier']:.2f}, "
+                     f"{entry['frechet_first_test_images']:.2f} / {entry['class_spread']:.2f}",
+                     "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
