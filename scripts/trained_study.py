@@ -176,7 +176,7 @@ def main(argv):
         bound = float(jnp.max(model.logit_bounds()))
         s = config.sample
         labels = np.repeat(np.arange(model.config.num_classes), FLAGS.per_class)
-        reference = sample_metrics.frechet_reference(
+        frechet_reference = sample_metrics.frechet_reference(
             classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
         reference = None
         for infer_name, backend, options in backends():
@@ -199,7 +199,7 @@ def main(argv):
                 "greedy_agreement": round(float(np.mean(greedy == reference)), 4),
                 "class_accuracy": round(sample_metrics.conditional_accuracy(
                     classifier, images, labels), 4),
-                "frechet": round(reference.distance(
+                "frechet": round(frechet_reference.distance(
                     sample_metrics.sample_features(classifier, images)), 3),
                 "ms_per_image": round(1e3 * per_image, 2), "train_s": round(train_s),
                 "verdict": verdict(backend, options, bound, model.config.head_dim, seq_len),
