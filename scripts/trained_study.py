@@ -3,6 +3,9 @@ practical question, measured on the demo model)
 
     python scripts/trained_study.py --demo_workdir=runs/demo --workdir=runs/trained_study
 
+`--config` names the demo run's config file (default configs/demo_fashion_mnist.py; any
+`--config.x=y` override applies to every variant).
+
 Needs a finished demo run (its tokenizer and scoring classifier are reused, frozen). Trains the
 demo VAR (configs/demo_fashion_mnist.py) four ways on the demo's cached tokens:
 
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
 from var_jax import attention, compile_cache, scales
 from var_jax.evaluate import sample_metrics
@@ -43,6 +47,9 @@ from var_jax.train import demo, runner, tokenizer_recipe, var_recipe
 
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                             "demo_fashion_mnist.py")
+# Not locked: the variants add attention options to the config's attn_options.
+config_flags.DEFINE_config_file("config", _DEMO_CONFIG, "The demo run's config file.",
+                                lock_config=False)
 
 flags.DEFINE_string("demo_workdir", "runs/demo", "A finished demo run (tokenizer, classifier).")
 flags.DEFINE_string("workdir", "runs/trained_study", "Where the four VAR runs go.")
@@ -92,7 +99,7 @@ def variant_overrides(name: str) -> dict:
 
 
 def variant_config(name: str):
-    config = _load_demo_config()
+    config = FLAGS.config.copy_and_resolve_references()
     o = variant_overrides(name)
     config.var.model.attn_backend = o["attn_backend"]
     config.var.model.max_temperature = o["max_temperature"]
@@ -103,14 +110,6 @@ def variant_config(name: str):
         config.var.steps = FLAGS.steps
     config_lib.validate(config, num_devices=jax.device_count())
     return config
-
-
-def _load_demo_config():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_fashion_mnist", _DEMO_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def with_backend(model: VAR, backend: str, options: dict) -> VAR:
