@@ -176,7 +176,11 @@ def run_demo(config, workdir: str) -> dict:
     clock.start(2)
     vqvae = var_recipe.load_trained_tokenizer(config, tok["dir"])
     model = var_recipe.load_trained_var(config, vqvae, var["dir"])
-    test_images, test_labels = tokenizer_recipe.load_eval_images(config, config.data.num_eval)
+    # The whole test split is read once: its first num_eval images score both stages, all of
+    # it is the samples' Frechet reference below.
+    split_images, split_labels = tokenizer_recipe.load_eval_images(config, 0)
+    num_eval = config.data.num_eval or len(split_labels)
+    test_images, test_labels = split_images[:num_eval], split_labels[:num_eval]
     # Full-test-set figures for both stages (the in-training evaluations use a subset).
     report["tokenizer"] = tokenizer_recipe.evaluate_tokenizer(
         vqvae, test_images, config.data.eval_batch_size)
@@ -205,7 +209,7 @@ def run_demo(config, workdir: str) -> dict:
     # first len(labels) test images, whose class mix and sampling noise add about 1.5-4.5 to
     # every distance (sample_metrics.frechet_reference).
     reference = sample_metrics.frechet_reference(
-        classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
+        classifier, split_images, split_labels, labels)
     first = test_images[:len(labels)]
     first_features = sample_metrics.real_features(classifier, first)
     sweep = sorted(set(float(x) for x in s.cfg_sweep) | {float(s.cfg)})
@@ -233,8 +237,8 @@ def run_demo(config, workdir: str) -> dict:
              f"within-class spread {entry['class_spread']:.2f} of the real images'")
     report["samples"]["frechet_real_vs_real"] = reference.real_floor()
     report["samples"]["frechet_real_vs_real_first_test_images"] = (
-        sample_metrics.classifier_frechet(classifier, test_images[len(labels):2 * len(labels)],
-                                          first * 0.5 + 0.5))
+        frechet.frechet_distance(sample_metrics.real_features(
+            classifier, test_images[len(labels):2 * len(labels)]), first_features))
     pictures = write_pictures(config, workdir, model, vqvae, test_images, sweep_images, key)
     clock.end()
 
