@@ -38,7 +38,7 @@ demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/python scripts/demo.py --workdir=$(WORKDIR)
 
 test: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The end-to-end scale-out runs alone (8 fake devices, 2 local processes, SIGKILL / SIGTERM;
 # also part of `make test`).

@@ -154,6 +154,14 @@ def main(argv):
         variant_overrides(name)  # bad names fail before any training
     backends()
     rows = []
+    # What every variant is scored with (variants differ in the VAR's attention only): the
+    # test images, the demo's classifier and the Frechet reference, built once.
+    config = variant_config(FLAGS.variants[0])
+    test = tokenizer_recipe.load_eval_images(config, config.data.num_eval)
+    classifier, _ = demo.get_classifier(config, FLAGS.demo_workdir, *test)
+    labels = np.repeat(np.arange(config.var.model.num_classes), FLAGS.per_class)
+    frechet_reference = sample_metrics.frechet_reference(
+        classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
     for name in FLAGS.variants:
         config = variant_config(name)
         workdir = os.path.join(FLAGS.workdir, name)
@@ -169,14 +177,9 @@ def main(argv):
         model = var_recipe.load_trained_var(config, vqvae, os.path.join(workdir, "var"))
         recipe = var_recipe.VARRecipe(config, vqvae)
         frozen = recipe.frozen()
-        test = tokenizer_recipe.load_eval_images(config, config.data.num_eval)
-        classifier, _ = demo.get_classifier(config, FLAGS.demo_workdir, *test)
         seq_len = scales.token_layout(model.config.patch_nums).seq_len
         bound = float(jnp.max(model.logit_bounds()))
         s = config.sample
-        labels = np.repeat(np.arange(model.config.num_classes), FLAGS.per_class)
-        frechet_reference = sample_metrics.frechet_reference(
-            classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
         reference = None
         for infer_name, backend, options in backends():
             m = with_backend(model, backend, options)

@@ -71,3 +71,17 @@ class OfficialVectors:
 def official_int8(tmp_path_factory):
     """The official outputs of a depth-2 VAR (width 128, 256px schedule) and a ch=32 VQ-VAE."""
     return OfficialVectors(tmp_path_factory.mktemp("official_var_int8"))
+
+
+# `make test` hands whole files to two workers (--dist loadfile --no-loadscope-reorder) in the
+# order collected. These files' tests take minutes on a 2-core machine; collected in name order
+# the longest (the scale-out runs, 7-9 minutes) started last and ran alone at the end while
+# the other worker idled. Run first, the two workers finish together.
+SLOW_FILES_FIRST = ("test_train_scale.py", "test_train.py", "test_scan_layers.py",
+                    "test_trained_study.py", "test_demo.py", "test_sampling.py",
+                    "test_scaling_study.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES_FIRST)))
