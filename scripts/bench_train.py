@@ -22,14 +22,17 @@ import time
 
 from absl import app, flags
 
+from var_jax import attention
+from var_jax.models import var as var_lib
+
 _DEPTH = flags.DEFINE_integer("depth", 16, "VAR depth (official sizes: width 64 x depth).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-_BACKEND = flags.DEFINE_enum("attn_backend", "flash", ["exact", "flash", "poly", "favor"],
+_BACKEND = flags.DEFINE_enum("attn_backend", "flash", list(attention.BACKENDS),
                              "Attention backend.")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Stacked blocks under one scan (False: loop).")
-_REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots_saveable"],
+_REMAT = flags.DEFINE_enum("remat", "none", list(var_lib.REMAT_POLICIES),
                            "Rematerialisation policy of the blocks.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Stop after compiling: compile time and compiled memory.")
@@ -77,7 +80,6 @@ def main(argv):
     import numpy as np
 
     from var_jax import scales
-    from var_jax.models import var as var_lib
     from var_jax.train import optim, sharding
     from var_jax.train import step as step_lib
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from var_jax import compile_cache, pretrained
+from var_jax import attention, compile_cache, pretrained
 from var_jax.evaluate import figures
 
 FLAGS = flags.FLAGS
@@ -35,8 +35,9 @@ flags.DEFINE_float("guidance_power", 1.0, "Shape of the ramp: guidance cfg * (k 
 flags.DEFINE_integer("top_k", 900, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 0.96, "Top-p filter (0 = off).")
 flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax mixing of the codes.")
-flags.DEFINE_enum("attn_backend", None, ["exact", "flash", "poly", "favor"],
-                  "Override the attention backend.")
+flags.DEFINE_enum("attn_backend", None, list(attention.BACKENDS),
+                  "Override the attention backend (auto: the plan's choice for the model's "
+                  "logit bound).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activations and parameters.")
 flags.DEFINE_string("out", "samples.png", "Output PNG.")
 flags.DEFINE_bool("scale_buckets", False, "Scales in buckets: a faster first call, slower "

@@ -1,5 +1,7 @@
 """The backend table: one source for names, options, defaults, validation, auto and decoding."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,25 @@ def test_names_come_from_the_table():
                                                   "chunk": None, "group_tokens": 256}
     assert attention.option_defaults("auto") == {"eps": None}  # logit_bound is required
 
+
+
+def test_no_script_or_config_writes_the_backend_list():
+    """Flags take their choices from the table: a script listing the names itself would go
+    stale when a backend is added (two did, missing "auto")."""
+    import re
+
+    from _repo import ROOT
+
+    names = "|".join(attention.BACKENDS)
+    # Two or more backend names in one bracketed literal: a hand-written list of choices.
+    listed = re.compile(rf'[\[(]\s*"({names})"\s*,\s*"({names})"')
+    offenders = []
+    for folder in ("scripts", "configs"):
+        for path in sorted(pathlib.Path(ROOT, folder).glob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if "DEFINE_enum" in line and listed.search(line):
+                    offenders.append(f"{folder}/{path.name}:{number}: {line.strip()}")
+    assert not offenders, "backend choices written by hand:\n" + "\n".join(offenders)
 
 @pytest.mark.parametrize("backend", registry.backend_names())
 def test_every_option_checked(backend):
