@@ -43,7 +43,7 @@ from var_jax.evaluate import sample_metrics
 from var_jax.models import construct
 from var_jax.models.var import VAR
 from var_jax.train import config as config_lib
-from var_jax.train import demo, runner, tokenizer_recipe, var_recipe
+from var_jax.train import demo, runner, var_recipe
 
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                             "demo_fashion_mnist.py")
@@ -157,11 +157,11 @@ def main(argv):
     # What every variant is scored with (variants differ in the VAR's attention only): the
     # test images, the demo's classifier and the Frechet reference, built once.
     config = variant_config(FLAGS.variants[0])
-    test = tokenizer_recipe.load_eval_images(config, config.data.num_eval)
+    split_images, split_labels, *test = demo.load_test_split(config)
     classifier, _ = demo.get_classifier(config, FLAGS.demo_workdir, *test)
     labels = np.repeat(np.arange(config.var.model.num_classes), FLAGS.per_class)
-    frechet_reference = sample_metrics.frechet_reference(
-        classifier, *tokenizer_recipe.load_eval_images(config, 0), labels)
+    frechet_reference = sample_metrics.frechet_reference(classifier, split_images, split_labels,
+                                                         labels)
     for name in FLAGS.variants:
         config = variant_config(name)
         workdir = os.path.join(FLAGS.workdir, name)

@@ -1,12 +1,14 @@
 """The backend table: one source for names, options, defaults, validation, auto and decoding."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _attention_helpers import LAYOUT, PATCH_NUMS, B, H, qkv, reference
+from _repo import ROOT
 
 from var_jax import attention
 from var_jax.attention import registry
@@ -27,14 +29,9 @@ def test_names_come_from_the_table():
     assert attention.option_defaults("auto") == {"eps": None}  # logit_bound is required
 
 
-
 def test_no_script_or_config_writes_the_backend_list():
     """Flags take their choices from the table: a script listing the names itself would go
     stale when a backend is added (two did, missing "auto")."""
-    import re
-
-    from _repo import ROOT
-
     names = "|".join(attention.BACKENDS)
     # Two or more backend names in one bracketed literal: a hand-written list of choices.
     listed = re.compile(rf'[\[(]\s*"({names})"\s*,\s*"({names})"')
@@ -45,6 +42,7 @@ def test_no_script_or_config_writes_the_backend_list():
                 if "DEFINE_enum" in line and listed.search(line):
                     offenders.append(f"{folder}/{path.name}:{number}: {line.strip()}")
     assert not offenders, "backend choices written by hand:\n" + "\n".join(offenders)
+
 
 @pytest.mark.parametrize("backend", registry.backend_names())
 def test_every_option_checked(backend):

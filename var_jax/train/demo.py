@@ -74,6 +74,15 @@ class PhaseClock:
         return took
 
 
+def load_test_split(config):
+    """(split images, split labels, test images, test labels): the whole test split, read once
+    (the samples' Frechet reference), and its first ``data.num_eval`` images (all when 0),
+    which score the stages and train nothing."""
+    split_images, split_labels = tokenizer_recipe.load_eval_images(config, 0)
+    num_eval = config.data.num_eval or len(split_labels)
+    return split_images, split_labels, split_images[:num_eval], split_labels[:num_eval]
+
+
 def get_classifier(config, workdir: str, test_images, test_labels):
     """Trains the scoring classifier once (saved under <workdir>/classifier), returns it."""
     path = os.path.abspath(os.path.join(workdir, "classifier", "params"))
@@ -176,11 +185,7 @@ def run_demo(config, workdir: str) -> dict:
     clock.start(2)
     vqvae = var_recipe.load_trained_tokenizer(config, tok["dir"])
     model = var_recipe.load_trained_var(config, vqvae, var["dir"])
-    # The whole test split is read once: its first num_eval images score both stages, all of
-    # it is the samples' Frechet reference below.
-    split_images, split_labels = tokenizer_recipe.load_eval_images(config, 0)
-    num_eval = config.data.num_eval or len(split_labels)
-    test_images, test_labels = split_images[:num_eval], split_labels[:num_eval]
+    split_images, split_labels, test_images, test_labels = load_test_split(config)
     # Full-test-set figures for both stages (the in-training evaluations use a subset).
     report["tokenizer"] = tokenizer_recipe.evaluate_tokenizer(
         vqvae, test_images, config.data.eval_batch_size)
