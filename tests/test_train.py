@@ -348,6 +348,48 @@ def test_exact_resume_equals_an_uninterrupted_run(tmp_path):
     assert os.listdir(tmp_path / "b" / "toy" / "tb")
 
 
+def test_profile_window_traces_its_steps_and_changes_nothing(tmp_path, capsys):
+    """train.profile_steps / profile_skip: a jax.profiler trace (TensorBoard's .xplane.pb and a
+    Perfetto .trace.json.gz holding the train step) of the chosen steps, closed when the run
+    ends inside the window; the parameters are those of a run without it."""
+    import glob
+    import gzip
+
+    plain = loop.Trainer(ToyRecipe(5), _toy_config(every=10), str(tmp_path / "plain"))
+    plain.run()
+    plain.close()
+    config = _toy_config(every=10)
+    config.train.profile_steps, config.train.profile_skip = 2, 1
+    config_lib.validate(config, num_devices=1)
+    traced = loop.Trainer(ToyRecipe(5), config, str(tmp_path / "traced"))
+    traced.run()
+    traced.close()
+    for a, b in zip(_params(plain), _params(traced), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "profiled steps 2-3 into" in capsys.readouterr().out
+    runs = glob.glob(str(tmp_path / "traced" / "toy" / "profile" / "plugins" / "profile" / "*"))
+    assert len(runs) == 1
+    xplanes = glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+    assert xplanes and all(os.path.getsize(f) > 0 for f in xplanes)
+    perfetto = glob.glob(os.path.join(runs[0], "*.trace.json.gz"))
+    assert perfetto
+    names = {e.get("name", "") for e in json.load(gzip.open(perfetto[0]))["traceEvents"]}
+    assert any("train_step" in n for n in names)
+    assert not os.path.exists(tmp_path / "plain" / "toy" / "profile")
+
+    # A run that ends inside its window closes the trace and says which steps it holds.
+    config.train.profile_steps = 10
+    short = loop.Trainer(ToyRecipe(3), config, str(tmp_path / "short"))
+    short.run()
+    short.close()
+    assert "profiled steps 2-3 into" in capsys.readouterr().out
+    assert glob.glob(str(tmp_path / "short" / "toy" / "profile" / "plugins" / "profile" / "*"
+                         / "*.xplane.pb"))
+    config.train.profile_steps = -1
+    with pytest.raises(ValueError, match="train.profile_steps must be >= 0"):
+        config_lib.validate(config)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     class Poisoned(ToyRecipe):
         """The 4th batch holds a NaN, so the 4th step's loss is NaN."""

@@ -65,9 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
     # fewer than fsdp_min_size elements stay replicated: splitting them costs more than it saves.
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**14)
     # eval_every / sample_every: steps between evaluations / sample grids (0: none on the way);
-    # both also run after the last step unless evaluate_at_end is False.
+    # both also run after the last step unless evaluate_at_end is False. profile_steps > 0
+    # traces that many steps with jax.profiler, profile_skip steps after the run's first
+    # (compile and warm-up), into <workdir>/<stage>/profile (train.profiling).
     c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=0,
-                   sample_every=0, evaluate_at_end=True)
+                   sample_every=0, evaluate_at_end=True, profile_steps=0, profile_skip=2)
     # model: every field of var_jax.models.vqvae.VQVAEConfig (config files .update() it).
     c.tokenizer = dict(
         model=model_group(VQVAEConfig), steps=1000, batch_size=32, lr=2e-3, warmup_steps=50,
@@ -161,7 +163,8 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
               "sample.per_class", "classifier.steps", "classifier.batch_size", "classifier.lr")
     for name in ("tokenizer.warmup_steps", "var.warmup_steps", "train.checkpoint_every",
                  "train.eval_every", "train.sample_every", "data.num_threads",
-                 "tokenizer.dead_code_every", "sample.top_k"):
+                 "tokenizer.dead_code_every", "sample.top_k", "train.profile_steps",
+                 "train.profile_skip"):
         group, field = name.split(".")
         if config[group][field] < 0:
             raise ValueError(f"config: {name} must be >= 0, found {config[group][field]!r}")

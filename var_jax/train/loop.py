@@ -30,7 +30,7 @@ from var_jax import data as data_lib
 from var_jax import xla_options
 from var_jax.train import checkpoint as ckpt_lib
 from var_jax.train import metrics as metrics_lib
-from var_jax.train import preemption, sharding
+from var_jax.train import preemption, profiling, sharding
 from var_jax.train import step as step_lib
 
 
@@ -298,13 +298,29 @@ class Trainer:
         end = total if num_steps is None else min(total, start + num_steps)
         progress = metrics_lib.Progress(total, self.recipe.name)
         self.late = metrics_lib.LateFetcher()
+        profiler = profiling.StepProfiler(self.dir, start, tcfg.profile_skip, tcfg.profile_steps)
+        try:
+            preempted = self._steps(start, end, stop, progress, profiler)
+        finally:
+            self._profiled(profiler.stop(self.state))
+        self._consume(self.late.flush(), progress)
+        return self._summary(preempted)
+
+    def _steps(self, start: int, end: int, stop: preemption.StopRequest, progress,
+               profiler: profiling.StepProfiler) -> bool:
+        """Runs steps start .. end - 1 (saving, evaluating, sampling on the way); True when a
+        stop request (SIGTERM or a preemption notice) ended them early."""
+        tcfg = self.config.train
+        total = self.recipe.steps
         data_report_done = preempted = False
         for step in range(start, end):
             batch = sharding.put_batch(self.recipe.prepare_batch(next(self.iterator)), self.mesh)
             stop_flags = self._stop_array(stop.requested)
             if self.step_fn is None:
                 self._compile(batch, stop_flags)
+            profiler.before_step(step, self.state)
             self.state, metrics = self.step_fn(self.state, self.frozen, batch, stop_flags)
+            self._profiled(profiler.after_step(step, self.state))
             s = step + 1
             self._consume(self.late.push(s, metrics), progress)
             if self._stop_agreed or self._preemption_notice(s):
@@ -328,7 +344,13 @@ class Trainer:
                 if report["bad_files"] or report["empty_classes"]:
                     _log(f"[{self.recipe.name}] data report: {report}")
                 data_report_done = True
-        self._consume(self.late.flush(), progress)
+        return preempted
+
+    def _profiled(self, line: str | None) -> None:
+        if line:
+            _log(f"[{self.recipe.name}] {line}")
+
+    def _summary(self, preempted: bool) -> dict:
         self.checkpointer.wait()
         report = self.iterator.report()
         per_device, total_bytes = sharding.per_device_bytes(self.state["params"])
