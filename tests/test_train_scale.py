@@ -7,6 +7,7 @@ Every run here has the same recipe (200 steps, so the signals land while trainin
 single-device run is the reference for all of them.
 """
 
+import glob
 import json
 import os
 import random
@@ -175,10 +176,12 @@ def test_coarse_prefixes_on_a_sharded_mesh_match_one_device(runs):
 
 def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(runs):
     base, tok = runs["base"], runs["tok"]
-    # Two processes x 4 devices, coordinated on 127.0.0.1, mesh (4, 2).
+    # Two processes x 4 devices, coordinated on 127.0.0.1, mesh (4, 2); each traces two steps
+    # into its own profile directory (train.profile_steps), which changes no result.
     port, mp = _free_port(), str(base / "two_processes")
     procs = [subprocess.Popen(
-        [sys.executable, TRAIN, *_args(tok, mp, "--config.mesh.data=4", "--config.mesh.fsdp=2"),
+        [sys.executable, TRAIN, *_args(tok, mp, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                                       "--config.train.profile_steps=2"),
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--initialization_timeout=120"],
         env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -188,6 +191,9 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(runs
         assert p.returncode == 0, err[-4000:]
     two = _summary(outs[0][0])
     assert two["mesh"] == {"data": 4, "fsdp": 2}
+    for i in range(2):
+        assert glob.glob(os.path.join(mp, "var", "profile", f"process_{i}", "plugins",
+                                      "profile", "*", "*.xplane.pb")), i
     assert two["train"]["loss"] == pytest.approx(runs["reference"]["train"]["loss"], rel=1e-5)
     _assert_states(_state(runs, mp), _state(runs, str(base / "ref")), exact=False)
 

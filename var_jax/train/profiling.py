@@ -4,7 +4,8 @@ Why a window and not the whole run: a trace of every step is large and slows the
 steady steps show where a step's time goes (each fused XLA computation, the host's dispatch, the
 input pipeline). The first steps of a run, resumed or fresh, compile and warm up, so the window
 opens `profile_skip` steps after the run's first step (as MaxText's
-`skip_first_n_steps_for_profiler`). Each process traces its own host into the same directory.
+`skip_first_n_steps_for_profiler`). With several processes each traces its own into
+profile/process_<index> (two processes on one host would otherwise write the same file).
 
 The trace is `jax.profiler`'s: <run dir>/profile/plugins/profile/<time>/, an .xplane.pb for
 TensorBoard's profile tab (`tensorboard --logdir <run dir>/profile`, with the
@@ -25,6 +26,8 @@ class StepProfiler:
 
     def __init__(self, run_dir: str, first: int, skip: int, steps: int):
         self.dir = os.path.join(run_dir, "profile")
+        if jax.process_count() > 1:
+            self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
         self.begin, self.end = first + skip, first + skip + steps
         self.enabled = steps > 0
         self.active = False
