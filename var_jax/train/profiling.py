@@ -29,14 +29,13 @@ class StepProfiler:
         if jax.process_count() > 1:
             self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
         self.begin, self.end = first + skip, first + skip + steps
-        self.enabled = steps > 0
         self.active = False
         self.last = None  # the last step traced (0-based)
 
     def before_step(self, step: int, state) -> None:
         """Opens the window before `step` runs (after the steps queued so far have finished,
         so the trace holds the window's steps alone)."""
-        if self.enabled and step == self.begin and not self.active:
+        if step == self.begin < self.end:  # an empty window (steps=0) never opens
             jax.block_until_ready(state)
             jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
             self.active = True
