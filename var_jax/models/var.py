@@ -322,7 +322,10 @@ class SelfAttention(nnx.Module):
             # transposed copy before one dot (on a CPU the demo model's train step is 5-8%
             # faster without it; not measured on an accelerator, where each of the three is
             # still a full-width matmul).
-            q, k, v = (jnp.einsum("blc,chd->blhd", x, kernel[:, i]) for i in range(3))
+            # Over rows: see over_rows.
+            rows = x.reshape(-1, x.shape[-1])
+            q, k, v = (jnp.einsum("nc,chd->nhd", rows, kernel[:, i]).reshape(
+                x.shape[:-1] + kernel.shape[2:]) for i in range(3))
         q = q + self.q_bias[...].astype(dtype)
         v = v + self.v_bias[...].astype(dtype)
         q = l2_normalize(q) * self.temperature()[:, None].astype(dtype)
@@ -332,7 +335,7 @@ class SelfAttention(nnx.Module):
         b, n = o_BxLxHxD.shape[:2]
         o = o_BxLxHxD.reshape(b, n, self.config.width)
         if kernels is None:
-            return self.proj(o)
+            return over_rows(self.proj, o)
         return kernels.product("proj", o) + self.proj.bias[...].astype(o.dtype)
 
     def __call__(self, x_BxLxC, rng):
@@ -376,7 +379,8 @@ class FFN(nnx.Module):
 
     def __call__(self, x, kernels: LayerKernels | None = None):
         if kernels is None:
-            return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+            return over_rows(lambda rows: self.fc2(jax.nn.gelu(self.fc1(rows), approximate=True)),
+                             x)
         h = kernels.product("fc1", x) + self.fc1.bias[...].astype(x.dtype)
         h = jax.nn.gelu(h, approximate=True)
         return kernels.product("fc2", h) + self.fc2.bias[...].astype(h.dtype)
@@ -461,6 +465,18 @@ class LayerInputs:
 
     def layer(self, i: int) -> LayerInputs:
         return jax.tree.map(lambda a: a[i], self)
+
+
+def over_rows(fn, x_BxLxC):
+    """``fn`` (a product with a weight, row by row) on x with its leading axes flattened into
+    one row axis, its output reshaped back.
+
+    Why: the weight's gradient then contracts over one axis (rows) instead of two (B, L), and
+    XLA:CPU runs a two-axis contraction as transposed copies of the activations and output
+    gradients followed by the product: about a sixth of the demo VAR step's time
+    (docs/train_benchmark.md). The same sums, in another order; free on any backend."""
+    y = fn(x_BxLxC.reshape(-1, x_BxLxC.shape[-1]))
+    return y.reshape(x_BxLxC.shape[:-1] + y.shape[1:])
 
 
 def flat_product(x_BxLxCin, kernel) -> jax.Array:
@@ -715,7 +731,8 @@ class VAR(nnx.Module):
     def logits(self, x_BxLxC, cond_BxC):
         h = self.head_nm(x_BxLxC, cond_BxC)
         kernel = self.head.kernel[...].astype(h.dtype)
-        out = jnp.einsum("blc,cv->blv", h, kernel, preferred_element_type=jnp.float32)
+        out = over_rows(lambda rows: jnp.einsum("nc,cv->nv", rows, kernel,
+                                                preferred_element_type=jnp.float32), h)
         return out + self.head.bias[...].astype(jnp.float32)
 
     # -- teacher forcing --------------------------------------------------------------------
@@ -756,7 +773,8 @@ class VAR(nnx.Module):
                 labels_B = drop_labels(labels_B, cfg.cond_drop_rate, cfg.num_classes, label_key)
         cond = self.condition(labels_B)
         first = cond[:, None] + self.pos_start[...].astype(cond.dtype)
-        x = jnp.concatenate([first, self.word_embed(x_BxLm1xCvae).astype(first.dtype)], axis=1)
+        words = over_rows(self.word_embed, x_BxLm1xCvae)
+        x = jnp.concatenate([first, words.astype(first.dtype)], axis=1)
         x = x + self._level_pos(0, seq_len)
         x = self._apply_blocks(x, self.block_condition(cond), self.layer_inputs(drop_key))
         return self.logits(x, cond)
