@@ -34,7 +34,7 @@ BARS = {"tokenizer_psnr": (">=", 24.5), "class_accuracy_default_cfg": (">=", 0.9
 
 # (name, estimated seconds on an idle 2-core machine with the default config, from per-step
 # timings): the ETA is these times scaled by how fast this machine ran the phases done so far.
-PHASES = (("tokenizer training", 440.0), ("VAR training (token cache, steps)", 780.0),
+PHASES = (("tokenizer training", 440.0), ("VAR training (token cache, steps)", 690.0),
           ("test-set evaluation", 40.0), ("classifier", 45.0),
           ("samples, scores and pictures", 65.0))
 
