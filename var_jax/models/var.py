@@ -472,8 +472,9 @@ def over_rows(fn, x_BxLxC):
     Why: the weight's gradient then contracts over one axis (rows) instead of two (B, L), and
     XLA:CPU runs a two-axis contraction as transposed copies of the activations and output
     gradients followed by the product: a sixth of the XLA operations' time in a trace of the
-    demo's VAR step, which runs 1.07-1.15x as fast without them (docs/train_benchmark.md). The
-    same sums in another order; the reshapes of contiguous rows are bitcasts."""
+    demo's VAR step, which runs 1.07-1.15x as fast without them on a 2.6 GHz Xeon (no gain
+    showed through the noise of a slow hour on a Zen 3; docs/train_benchmark.md). The same
+    sums in another order; the reshapes of contiguous rows are bitcasts."""
     y = fn(x_BxLxC.reshape(-1, x_BxLxC.shape[-1]))
     return y.reshape(x_BxLxC.shape[:-1] + y.shape[1:])
 
