@@ -1,10 +1,8 @@
 """The CPU demo: tokenizer then VAR on Fashion-MNIST (28x28 padded to 32x32), sized for the
 whole `make demo` (set-up, both stages, classifier, sample evaluation, pictures) to take 25
-minutes on an idle 2-core CPU: 18.5 on a 2.6 GHz Xeon; 17 on a Zen 5 EPYC and 23-27.5 on a Zen 3
-EPYC by the hour before the VAR step's products over rows (1.07-1.15x on the Xeon, 2026-12-07
-night; on course for about 31 on the Zen 3 in a slow hour after them), and 22-24
-on a Zen 4 EPYC and 29 on a 2.3 GHz Xeon before that day's earlier speed-ups
-(docs/demo_results.md). The VAR stage trains on
+minutes on an idle 2-core CPU: 11-17 on a Zen 5 EPYC by the hour, 18.5 on a 2.6 GHz Xeon,
+23-27.5 on a Zen 3 EPYC (about 31 in its slowest hour), 22-24 on a Zen 4 EPYC and 29 on a 2.3 GHz
+Xeon before the speed-ups of 2026-12-07 (docs/demo_results.md). The VAR stage trains on
 cached tokens (the training set encoded once by the frozen tokenizer), which frees the time for
 a wider, deeper transformer.
 
